@@ -80,7 +80,9 @@ class ModelConfig:
         "Llama-shaped model with a byte-level tokenizer that runs offline).",
         default="tiny-llama",
     )
-    revision: str | None = _help("Hub revision (branch, tag or commit) to load; None for the default.", default=None)
+    revision: str | None = _help(
+        "Hub revision (branch, tag or commit) to load; None for the default.", default=None
+    )
     dtype: str = _help(
         "Storage dtype of the frozen base: bfloat16, float16, float32, or auto (the checkpoint's own). "
         "Ignored for the quantised weights of a QLoRA base, which are NF4.",
@@ -91,6 +93,10 @@ class ModelConfig:
         default="sdpa",
     )
     trust_remote_code: bool = _help("Allow model code from the hub repository to run.", default=False)
+    token: str | None = _help(
+        "Hub access token for gated or private models; None uses HF_TOKEN or the cached login. Never logged.",
+        default=None,
+    )
 
     def problems(self) -> list[str]:
         problems: list[str] = []
@@ -118,7 +124,9 @@ class DataConfig:
         default="instruction",
     )
     split: str = _help("Split to load from a hub dataset.", default="train")
-    subset: str | None = _help("Configuration name of a hub dataset (its `name`), if it has several.", default=None)
+    subset: str | None = _help(
+        "Configuration name of a hub dataset (its `name`), if it has several.", default=None
+    )
     eval_path: str | None = _help(
         "A separate eval file or hub split name; when None, `eval_fraction` of the data is held out.",
         default=None,
@@ -128,12 +136,16 @@ class DataConfig:
         default=0.1,
     )
     text_field: str = _help("Record field holding the text, for format `text`.", default="text")
-    instruction_field: str = _help("Record field holding the instruction, for format `instruction`.", default="instruction")
+    instruction_field: str = _help(
+        "Record field holding the instruction, for format `instruction`.", default="instruction"
+    )
     input_field: str = _help(
         "Optional record field holding extra input appended to the instruction, for format `instruction`.",
         default="input",
     )
-    response_field: str = _help("Record field holding the response, for format `instruction`.", default="output")
+    response_field: str = _help(
+        "Record field holding the response, for format `instruction`.", default="output"
+    )
     messages_field: str = _help(
         "Record field holding a list of {role, content} messages, for format `chat`.", default="messages"
     )
@@ -149,7 +161,9 @@ class DataConfig:
     def problems(self) -> list[str]:
         problems: list[str] = []
         if not isinstance(self.path, str) or not self.path.strip():
-            problems.append(f"`data.path` must name a file, directory, hub dataset or `demo`, got {self.path!r}")
+            problems.append(
+                f"`data.path` must name a file, directory, hub dataset or `demo`, got {self.path!r}"
+            )
         _choice(problems, "data.format", self.format, DATA_FORMATS)
         _positive_int(problems, "data.max_length", self.max_length)
         if isinstance(self.max_length, int) and 0 < self.max_length < 8:
@@ -172,17 +186,23 @@ class AdapterConfig:
     """
 
     r: int = _help("LoRA rank: the inner dimension of the A and B matrices.", default=16)
-    alpha: float = _help("LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with rsLoRA).", default=32.0)
+    alpha: float = _help(
+        "LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with rsLoRA).", default=32.0
+    )
     dropout: float = _help("Dropout on the LoRA input, in [0, 1).", default=0.05)
     target_modules: str | list[str] = _help(
         "A preset (`attention`, `mlp`, `all-linear`) resolved per architecture, or a list of module names "
-        "(e.g. [\"q_proj\", \"v_proj\"]); every name must match at least one linear layer.",
+        '(e.g. ["q_proj", "v_proj"]); every name must match at least one linear layer.',
         default="attention",
     )
-    use_rslora: bool = _help("Rank-stabilised LoRA: scale by alpha / sqrt(r) instead of alpha / r.", default=False)
-    use_dora: bool = _help("DoRA: weight-decomposed LoRA (a magnitude vector per targeted layer).", default=False)
+    use_rslora: bool = _help(
+        "Rank-stabilised LoRA: scale by alpha / sqrt(r) instead of alpha / r.", default=False
+    )
+    use_dora: bool = _help(
+        "DoRA: weight-decomposed LoRA (a magnitude vector per targeted layer).", default=False
+    )
     modules_to_save: list[str] = _help(
-        "Modules trained in full and saved with the adapter, e.g. [\"lm_head\", \"embed_tokens\"].",
+        'Modules trained in full and saved with the adapter, e.g. ["lm_head", "embed_tokens"].',
         default_factory=list,
     )
     qlora: bool = _help(
@@ -190,7 +210,7 @@ class AdapterConfig:
         default=False,
     )
     peft_kwargs: dict[str, Any] = _help(
-        "Further `peft.LoraConfig` arguments passed through unchanged (e.g. {\"bias\": \"lora_only\"}).",
+        'Further `peft.LoraConfig` arguments passed through unchanged (e.g. {"bias": "lora_only"}).',
         default_factory=dict,
     )
 
@@ -204,10 +224,14 @@ class AdapterConfig:
         targets = self.target_modules
         if isinstance(targets, str):
             if not targets.strip():
-                problems.append("`adapter.target_modules` is empty; give a preset (attention, mlp, all-linear) or names")
+                problems.append(
+                    "`adapter.target_modules` is empty; give a preset (attention, mlp, all-linear) or names"
+                )
         elif isinstance(targets, list | tuple):
             if not targets:
-                problems.append("`adapter.target_modules` is an empty list; give at least one module name or a preset")
+                problems.append(
+                    "`adapter.target_modules` is an empty list; give at least one module name or a preset"
+                )
             bad = [t for t in targets if not isinstance(t, str) or not t.strip()]
             if bad:
                 problems.append(f"`adapter.target_modules` must hold module names (strings), got {bad!r}")
@@ -221,7 +245,15 @@ class AdapterConfig:
             problems.append(
                 f"`adapter.modules_to_save` must be a list of module names, got {self.modules_to_save!r}"
             )
-        reserved = {"r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "use_dora", "modules_to_save"}
+        reserved = {
+            "r",
+            "lora_alpha",
+            "lora_dropout",
+            "target_modules",
+            "use_rslora",
+            "use_dora",
+            "modules_to_save",
+        }
         clash = sorted(reserved & set(self.peft_kwargs))
         if clash:
             problems.append(
@@ -253,13 +285,17 @@ class TrainingConfig:
         default="auto",
     )
     eval_every: int = _help("Evaluate (loss, perplexity) every this many steps, and at the end.", default=20)
-    eval_batches: int | None = _help("Cap on eval micro-batches per evaluation; None evaluates the whole split.", default=None)
+    eval_batches: int | None = _help(
+        "Cap on eval micro-batches per evaluation; None evaluates the whole split.", default=None
+    )
     log_every: int = _help("Report train metrics every this many steps.", default=5)
     checkpoint_every: int = _help(
         "Save an adapter-only checkpoint every this many steps (0: only at the end).", default=50
     )
     output_dir: str = _help("Directory for checkpoints and the final adapter.", default="outputs/run")
-    seed: int = _help("Seed of the adapter init, dropout and data order: equal seeds give equal runs.", default=0)
+    seed: int = _help(
+        "Seed of the adapter init, dropout and data order: equal seeds give equal runs.", default=0
+    )
 
     def problems(self) -> list[str]:
         problems: list[str] = []
@@ -281,7 +317,9 @@ class TrainingConfig:
         if not (_number(self.weight_decay) and self.weight_decay >= 0):
             problems.append(f"`training.weight_decay` must be >= 0, got {self.weight_decay!r}")
         if not (_number(self.max_grad_norm) and self.max_grad_norm >= 0):
-            problems.append(f"`training.max_grad_norm` must be >= 0 (0 turns clipping off), got {self.max_grad_norm!r}")
+            problems.append(
+                f"`training.max_grad_norm` must be >= 0 (0 turns clipping off), got {self.max_grad_norm!r}"
+            )
         if not (_number(self.label_smoothing) and 0 <= self.label_smoothing < 1):
             problems.append(f"`training.label_smoothing` must be in [0, 1), got {self.label_smoothing!r}")
         if (
@@ -379,21 +417,24 @@ class FinetuneConfig:
 def demo_config() -> FinetuneConfig:
     """The embedded default: the offline `tiny-llama` preset on the packaged demo data, sized for a CPU.
 
-    The tiny base is a random init, so its adapter needs a larger learning rate and all linear layers to
-    show a clearly falling loss within a minute on two cores; real models keep the LoRA defaults above.
+    The tiny base is a random init: LoRA alone on a random base barely moves the loss, so the demo also
+    trains the output head in full (`modules_to_save=["lm_head"]`) and uses a larger learning rate than
+    real checkpoints want; the eval loss then falls from ~5.6 to ~1.7 in about 15 s on two cores.
     """
     return FinetuneConfig(
         model=ModelConfig(name_or_path="tiny-llama", dtype="float32"),
         data=DataConfig(path="demo", format="instruction", max_length=128),
-        adapter=AdapterConfig(r=16, alpha=32.0, dropout=0.0, target_modules="all-linear"),
+        adapter=AdapterConfig(
+            r=16, alpha=32.0, dropout=0.0, target_modules="all-linear", modules_to_save=["lm_head"]
+        ),
         training=TrainingConfig(
             learning_rate=3e-3,
-            max_steps=80,
+            max_steps=150,
             batch_size=8,
             warmup_steps=5,
-            eval_every=20,
+            eval_every=25,
             log_every=5,
-            checkpoint_every=40,
+            checkpoint_every=50,
             output_dir="outputs/demo",
         ),
     )

@@ -1,0 +1,244 @@
+"""`raylora` command line: thin parsing in front of `raylora.train` (and the sweep and report modules)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from raylora.config import ConfigError, FinetuneConfig, demo_config
+
+__all__ = ["main"]
+
+
+def _parse_value(text: str) -> Any:
+    """`--set` values are JSON when they parse as JSON (numbers, booleans, lists), else plain strings."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _load_config(path: str | None, overrides: list[str]) -> FinetuneConfig:
+    if path is None:
+        config = demo_config()
+    else:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(
+                f"`--config` {path!r} does not exist; pass a JSON file written by `raylora train --dump`"
+            )
+        try:
+            config = FinetuneConfig.from_dict(json.loads(file.read_text()))
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"`--config` {path!r} is not valid JSON: {error}") from None
+    pairs: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"`--set {item}` must look like section.field=value, e.g. --set adapter.r=8")
+        pairs[key.strip()] = _parse_value(value)
+    return config.with_overrides(pairs) if pairs else config
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from raylora.train import latest_checkpoint, train
+
+    config = _load_config(args.config, args.set)
+    if args.output_dir:
+        config.training.output_dir = args.output_dir
+    config.validate()
+    if args.dump:
+        print(json.dumps(config.to_dict(), indent=2))
+        return 0
+    resume_from = None
+    if args.resume:
+        resume_from = (
+            latest_checkpoint(config.training.output_dir) if args.resume == "latest" else args.resume
+        )
+        if resume_from is None:
+            print(
+                f"no checkpoint under {config.training.output_dir}/checkpoints; starting from step 0",
+                file=sys.stderr,
+            )
+    print(
+        f"raylora train: model {config.model.name_or_path}, data {config.data.path}, "
+        f"{'QLoRA' if config.adapter.qlora else 'LoRA'} r={config.adapter.r} on {config.adapter.target_modules}, "
+        f"{config.training.max_steps} steps -> {config.training.output_dir}",
+        flush=True,
+    )
+    result = train(config, resume_from=resume_from)
+    params = result.parameters
+    first = _first_train_loss(Path(config.training.output_dir) / "metrics.jsonl")
+    print(
+        f"done: step {result.step}, eval_loss {result.eval_loss:.4f}"
+        + (
+            f", train loss {first:.3f} -> {result.metrics.get('train_loss', float('nan')):.3f}"
+            if first
+            else ""
+        )
+        + f"; trainable params {params.trainable:,} of {params.total:,} ({params.trainable_percent:.2f}%)\n"
+        f"adapter: {result.adapter_dir}"
+    )
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from raylora.sweep import load_sweep, run_sweep, write_summary
+
+    sweep = load_sweep(args.sweep_file)
+    if args.storage_path:
+        sweep.storage_path = args.storage_path
+    if args.num_samples:
+        sweep.num_samples = args.num_samples
+    sweep.validate()
+    print(
+        f"raylora run: sweep {sweep.name!r}: {sweep.num_samples} trial(s), search {sweep.search_alg}, "
+        f"scheduler {sweep.scheduler}, metric {sweep.metric} ({sweep.mode}), "
+        f"{sweep.resources.workers} worker(s) per trial" + (" (resuming)" if args.resume else ""),
+        flush=True,
+    )
+    callbacks = []
+    tracking_uri = None
+    if not args.no_mlflow:
+        from raylora.sweep import experiment_path
+        from raylora.tracking import MlflowTracker, resolve_tracking_uri
+
+        tracking_uri = resolve_tracking_uri(args.tracking_uri)
+        callbacks.append(
+            MlflowTracker(sweep, tracking_uri=tracking_uri, experiment_path=experiment_path(sweep))
+        )
+    result = run_sweep(
+        sweep, address=args.address, resume=args.resume, callbacks=callbacks, verbose=args.verbose
+    )
+    summary = Path(result.experiment_path) / "sweep_summary.json"
+    if "://" not in result.experiment_path:
+        write_summary(result, summary)
+    print("\ntrials:\n" + result.table())
+    if result.best is not None:
+        best = result.best
+        print(
+            f"\nbest trial {best.trial_id}: {sweep.metric} {best.metric:.4f} at step {best.step}\n"
+            f"  config: {json.dumps(best.config, default=str)}\n"
+            f"  adapter: {best.checkpoint}"
+        )
+    print(f"results: {result.experiment_path}")
+    if tracking_uri is not None:
+        tracker = callbacks[0]
+        print(f"MLflow: experiment {sweep.name!r}, parent run {tracker.parent_run_id} in {tracking_uri}")
+        if "://" not in tracking_uri or tracking_uri.startswith("sqlite:"):
+            print(f"  browse it: mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000")
+        print(f"  report: raylora report {tracker.parent_run_id} --tracking-uri {tracking_uri}")
+    if result.all_failed:
+        print("raylora: every trial failed; see the errors above", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from raylora.report import write_report
+
+    try:
+        files = write_report(args.source, args.out, tracking_uri=args.tracking_uri)
+    except ValueError as error:
+        print(f"raylora: error: {error}", file=sys.stderr)
+        return 2
+    print("wrote:\n" + "\n".join(f"  {f}" for f in files))
+    return 0
+
+
+def _first_train_loss(metrics_file: Path) -> float | None:
+    if not metrics_file.exists():
+        return None
+    for line in metrics_file.read_text().splitlines():
+        record = json.loads(line)
+        if "train_loss" in record:
+            return float(record["train_loss"])
+    return None
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raylora", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    fields = "\n".join(f"  {name}: {text}" for name, text in FinetuneConfig.field_help().items())
+    train_parser = commands.add_parser(
+        "train",
+        help="train one adapter in this process (default: the tiny preset on the demo data)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"config fields (set with --set section.field=value):\n{fields}",
+    )
+    train_parser.add_argument("--config", help="a JSON config (see --dump); default: the offline demo config")
+    train_parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override one field, e.g. adapter.r=8",
+    )
+    train_parser.add_argument(
+        "--output-dir", help="where checkpoints and the adapter go (training.output_dir)"
+    )
+    train_parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        help="continue from a checkpoint directory, or (no value) the latest one under the output dir",
+    )
+    train_parser.add_argument(
+        "--dump", action="store_true", help="print the resolved config as JSON and exit"
+    )
+    train_parser.set_defaults(func=_cmd_train)
+
+    run_parser = commands.add_parser("run", help="run a sweep file on Ray (a local cluster unless --address)")
+    run_parser.add_argument(
+        "sweep_file", help="a Python file defining `sweep = Sweep(...)`, e.g. sweeps/quickstart.py"
+    )
+    run_parser.add_argument(
+        "--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local cluster)"
+    )
+    run_parser.add_argument(
+        "--resume", action="store_true", help="continue an interrupted sweep (Tuner.restore)"
+    )
+    run_parser.add_argument(
+        "--storage-path", help="where trials and checkpoints are stored (sweep.storage_path)"
+    )
+    run_parser.add_argument(
+        "--num-samples", type=int, help="override the number of trials (sweep.num_samples)"
+    )
+    run_parser.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2), help="Ray Tune's verbosity")
+    run_parser.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)",
+    )
+    run_parser.add_argument("--no-mlflow", action="store_true", help="do not log the sweep to MLflow")
+    run_parser.set_defaults(func=_cmd_run)
+
+    report_parser = commands.add_parser("report", help="trials table and comparison plots of a sweep")
+    report_parser.add_argument(
+        "source", help="a sweep directory (<storage_path>/<name>) or its MLflow parent run id"
+    )
+    report_parser.add_argument(
+        "--out", default="report", help="directory for the CSV, Markdown and PNG files"
+    )
+    report_parser.add_argument("--tracking-uri", help="MLflow tracking URI (default as for `run`)")
+    report_parser.set_defaults(func=_cmd_report)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `raylora` console script."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as error:
+        print(f"raylora: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
