@@ -48,6 +48,7 @@ __all__ = [
     "DataSummary",
     "Example",
     "TokenizedData",
+    "data_fingerprint",
     "eval_batches",
     "instruction_prompt",
     "iterate_batches",
@@ -221,6 +222,16 @@ def load_data(data: DataConfig, tokenizer: Any, *, seed: int) -> TokenizedData:
         fingerprint=_fingerprint(data, train_source, eval_source),
     )
     return TokenizedData(train=train_docs, eval=eval_docs, summary=summary)
+
+
+def data_fingerprint(data: DataConfig) -> str:
+    """The dataset fingerprint `load_data` puts in its summary, without a tokenizer: reads the sources only.
+
+    The sweep driver logs it on the parent run, so two sweeps on the same bytes and rendering match.
+    """
+    train_source = _read_source(data)
+    eval_source = _read_eval_source(data, hub=train_source.hub) if data.eval_path is not None else None
+    return _fingerprint(data, train_source, eval_source)
 
 
 def iterate_batches(

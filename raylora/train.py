@@ -33,6 +33,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -265,8 +266,8 @@ def train(
             window_tokens += int(micro_batch["attention_mask"].sum())  # counted on the CPU: no device sync
             micro_batch = {k: v.to(workers.device, non_blocking=True) for k, v in micro_batch.items()}
             with autocast:
-                logits = _forward(model, micro_batch)
-            token_loss = _token_loss_sum(logits, micro_batch["labels"], cfg_train.label_smoothing)
+                output = _forward(model, micro_batch)
+            token_loss = _token_loss_sum(output, micro_batch["labels"], cfg_train.label_smoothing)
             (token_loss * scale).backward()
             loss_sum += token_loss.detach()
         grad_norm = _clip_and_measure(trainable, cfg_train.max_grad_norm)
@@ -317,7 +318,9 @@ def train(
                 WALL_TIME_S: time.perf_counter() - started,
             }
             # Only rank 0 writes checkpoint files; the other ranks report the same metrics without one.
-            reporter.report(metrics, checkpoint_dir=str(checkpoint) if checkpoint and workers.is_main else None)
+            reporter.report(
+                metrics, checkpoint_dir=str(checkpoint) if checkpoint and workers.is_main else None
+            )
             window_start = time.perf_counter()  # eval time is not training throughput
 
     # ---- the final adapter: weights, adapter config, tokenizer and the resolved run config -----------
@@ -352,24 +355,134 @@ def evaluate_adapter(config: FinetuneConfig, adapter_dir: str | os.PathLike[str]
 # ---- the pieces of one step ------------------------------------------------------------------------------
 
 
-def _forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+# Architectures whose causal-LM forward is exactly `lm_head(decoder(...).last_hidden_state)`, with no logit
+# soft-capping or scaling in between: for these the loss runs the head itself, a chunk of tokens at a time.
+_PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+# Tokens per loss chunk: the fp32 logits of one chunk are 2048 x vocab x 4 bytes (1 GiB at a 128k vocabulary)
+# instead of tokens x vocab x 4 for the whole micro-batch (8 GiB at 8 x 2048 tokens).
+_LOSS_CHUNK_TOKENS = 2048
+
+
+@dataclass
+class _ModelOutput:
+    """What `_forward` hands to `_token_loss_sum`: the final hidden states and the output head to apply to
+    them chunk by chunk, or (`head` None) the model's full logits."""
+
+    hidden: torch.Tensor  # [batch, seq, d_model]; [batch, seq, vocab] logits when `head` is None
+    head: torch.nn.Module | None
+    autocast_dtype: torch.dtype | None  # the autocast the forward ran under, for the head; None: off
+
+
+def _forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> _ModelOutput:
     # Packed rows carry per-document position_ids and no padding: leaving attention_mask out lets
     # transformers build a block-diagonal causal mask from the position ids.
     mask = None if bool(batch["attention_mask"].all()) else batch["attention_mask"]
-    return model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"]).logits
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": mask, "position_ids": batch["position_ids"]}
+    head = _chunkable_head(model)
+    if head is None:
+        return _ModelOutput(model(**inputs).logits, None, None)
+    # The decoder alone (LoRA layers sit inside it): the [tokens, vocab] logits are never built here.
+    hidden = _unwrap(model).get_decoder()(**inputs).last_hidden_state
+    device_type = hidden.device.type
+    autocast_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    return _ModelOutput(hidden, head, autocast_dtype)
+
+
+def _chunkable_head(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The output head, when the loss may apply it itself; None to take the model's own logits.
+
+    Not under FSDP2 (the root unit's embeddings and head are gathered by the root's own forward only), and
+    not for architectures that transform the logits after the head (Gemma 2's soft-capping, Cohere's scale).
+    """
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return None
+    base = _unwrap(model)
+    if getattr(getattr(base, "config", None), "model_type", None) not in _PLAIN_HEAD_MODEL_TYPES:
+        return None
+    return base.get_output_embeddings()
 
 
 def _count_targets(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != _IGNORE).sum())
 
 
-def _token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
-    """Sum (not mean) of next-token cross-entropy over trained positions, in fp32 for a stable softmax."""
-    shifted = logits[:, :-1].float().reshape(-1, logits.size(-1))
+def _token_loss_sum(output: _ModelOutput, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """Sum (not mean) of next-token cross-entropy over trained positions, in fp32 for a stable softmax.
+
+    With a head to apply (`_forward` returned hidden states), the logits exist one chunk of
+    `_LOSS_CHUNK_TOKENS` tokens at a time, each upcast to fp32 for its own cross-entropy: the same numbers
+    as the full-logits path, summed in a different order.
+    """
     targets = labels[:, 1:].reshape(-1)
+    if output.head is None:
+        logits = output.hidden
+        shifted = logits[:, :-1].float().reshape(-1, logits.size(-1))
+        return F.cross_entropy(
+            shifted, targets, ignore_index=_IGNORE, reduction="sum", label_smoothing=label_smoothing
+        )
+    hidden = output.hidden[:, :-1].reshape(-1, output.hidden.size(-1))
+    head, dtype = output.head, output.autocast_dtype
+    head_trains = any(p.requires_grad for p in head.parameters())
+    if torch.is_grad_enabled() and hidden.requires_grad and not head_trains:
+        return _FrozenHeadCrossEntropy.apply(hidden, targets, head, label_smoothing, dtype)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.size(0), _LOSS_CHUNK_TOKENS):
+        chunk = (
+            head,
+            hidden[start : start + _LOSS_CHUNK_TOKENS],
+            targets[start : start + _LOSS_CHUNK_TOKENS],
+        )
+        if torch.is_grad_enabled():
+            # A trained head (`modules_to_save`, or LoRA on it) needs its own gradients: keep no chunk's
+            # logits for backward, recompute them there instead.
+            total = total + torch.utils.checkpoint.checkpoint(
+                _chunk_cross_entropy, *chunk, label_smoothing, dtype, use_reentrant=False
+            )
+        else:
+            total = total + _chunk_cross_entropy(*chunk, label_smoothing, dtype)
+    return total
+
+
+def _chunk_cross_entropy(
+    head: torch.nn.Module,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    label_smoothing: float,
+    autocast_dtype: torch.dtype | None,
+) -> torch.Tensor:
+    # The head runs under the autocast the decoder ran under, as it would inside the model's forward.
+    enabled = autocast_dtype is not None
+    with torch.autocast(hidden.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=enabled):
+        logits = head(hidden)
     return F.cross_entropy(
-        shifted, targets, ignore_index=_IGNORE, reduction="sum", label_smoothing=label_smoothing
+        logits.float(), targets, ignore_index=_IGNORE, reduction="sum", label_smoothing=label_smoothing
     )
+
+
+class _FrozenHeadCrossEntropy(torch.autograd.Function):
+    """Chunked head + cross-entropy for a frozen head: each chunk's gradient w.r.t. the hidden states is
+    taken in the forward pass, right after its loss, so backward only scales it; nothing is recomputed
+    and no chunk's logits outlive its own iteration."""
+
+    @staticmethod
+    def forward(ctx, hidden, targets, head, label_smoothing, autocast_dtype):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden)
+        for start in range(0, hidden.size(0), _LOSS_CHUNK_TOKENS):
+            end = start + _LOSS_CHUNK_TOKENS
+            chunk = hidden[start:end].detach().requires_grad_(True)
+            with torch.enable_grad():
+                loss = _chunk_cross_entropy(head, chunk, targets[start:end], label_smoothing, autocast_dtype)
+                (grad[start:end],) = torch.autograd.grad(loss, chunk)
+            total += loss.detach()
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        # Scale in fp32: the loop scales the loss by 1/tokens, which bf16 would round by up to 0.4%.
+        return (grad.float() * grad_output).to(grad.dtype), None, None, None, None
 
 
 def _clip_and_measure(parameters: list[torch.nn.Parameter], max_norm: float) -> float:
@@ -421,8 +534,8 @@ def _evaluate(
             break
         batch = {k: v.to(workers.device) for k, v in batch.items()}
         with autocast:
-            logits = _forward(model, batch)
-        loss_sum += float(_token_loss_sum(logits, batch["labels"], 0.0))
+            output = _forward(model, batch)
+        loss_sum += float(_token_loss_sum(output, batch["labels"], 0.0))
         targets += _count_targets(batch)
     model.train()
     return workers.sum(loss_sum) / max(workers.sum(targets), 1.0)
