@@ -238,6 +238,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"raylora: error: {error}", file=sys.stderr)
         return 2
+    except (
+        FloatingPointError
+    ) as error:  # NonFiniteLossError: the run diverged; its message says what to change
+        print(f"raylora: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

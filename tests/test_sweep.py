@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -104,6 +105,33 @@ def test_a_killed_trial_resumes_from_its_checkpoint(tmp_path):
     assert killer.killed_at == 10
     # Reports after the kill continue past the checkpoint; a restart from step 0 would report step 10 again.
     assert killer.steps == [10, 20, 30], killer.steps
+
+
+def test_a_diverging_trial_fails_with_its_reason_and_the_sweep_goes_on(tmp_path):
+    base = _small_base(steps=20)
+    base.training.max_grad_norm = 0.0
+    base.training.warmup_steps = 0
+    sweep = Sweep(
+        name="nan",
+        base=base,
+        search_space={"training.learning_rate": tune.grid_search([3e-3, 1e4])},
+        search_alg="grid",
+        scheduler="fifo",
+        num_samples=1,
+        max_failures=2,
+        storage_path=str(tmp_path),
+    )
+    result = run_sweep(sweep, verbose=0)
+    by_lr = {t.config["training.learning_rate"]: t for t in result.trials}
+    assert by_lr[3e-3].status != "ERROR" and by_lr[3e-3].step == 20
+    failed = by_lr[1e4]
+    assert (
+        failed.status == "ERROR" and "NonFiniteLossError" in failed.error and "train loss is" in failed.error
+    )
+    assert result.best is by_lr[3e-3] and not result.all_failed
+    # A NaN is deterministic for its config: Tune's retries re-raise the recorded divergence at once
+    # instead of training again, so the final error still names the step where the loss diverged.
+    assert re.search(r"train loss is (nan|inf) at step \d+", failed.error), failed.error
 
 
 def test_two_worker_fsdp_trial_matches_one_worker_at_equal_global_batch(tmp_path):

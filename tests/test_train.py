@@ -17,6 +17,7 @@ from raylora.train import (
     STEP,
     TRAIN_LOSS,
     TRAINABLE_PARAMS,
+    NonFiniteLossError,
     evaluate_adapter,
     latest_checkpoint,
     train,
@@ -170,6 +171,16 @@ def test_metrics_file_and_reports_carry_the_documented_fields(tmp_path):
     assert train_record["peak_memory_gib"] > 0.05  # the process's peak RSS: torch alone is larger than this
     eval_record = records[-1]
     assert eval_record["eval_perplexity"] == pytest.approx(math.exp(eval_record["eval_loss"]), rel=1e-6)
+
+
+def test_a_nan_loss_stops_the_run_at_once(tmp_path):
+    config = _config(tmp_path, learning_rate=1e4, max_grad_norm=0.0, warmup_steps=0)
+    reporter = RecordingReporter()
+    with pytest.raises(
+        NonFiniteLossError, match=r"train loss is (nan|inf) at step \d+; lower `training.learning_rate`"
+    ):
+        train(config, reporter=reporter)
+    assert all(int(m[STEP]) < 40 for m, _ in reporter.reports)
 
 
 def test_bad_config_is_refused_with_every_problem_listed():
