@@ -59,19 +59,23 @@ __all__ = [
     "ConsoleReporter",
     "EVAL_LOSS",
     "EVAL_PERPLEXITY",
+    "FIRST_STEP_AT",
     "GRAD_NORM",
     "LEARNING_RATE",
     "NonFiniteLossError",
     "PEAK_MEMORY_GIB",
     "Reporter",
+    "SETUP_TIME_S",
     "STEP",
     "TOKENS_PER_SEC",
     "TOKENS_SEEN",
     "TOTAL_PARAMS",
     "TRAINABLE_PARAMS",
     "TRAINABLE_PERCENT",
+    "TRAIN_TIME_S",
     "TRAIN_LOSS",
     "TrainResult",
+    "WALL_TIME_S",
     "evaluate_adapter",
     "latest_checkpoint",
     "train",
@@ -92,6 +96,9 @@ TRAINABLE_PARAMS = "trainable_params"
 TOTAL_PARAMS = "total_params"
 TRAINABLE_PERCENT = "trainable_percent"
 WALL_TIME_S = "wall_time_s"
+SETUP_TIME_S = "setup_time_s"  # train() entry to the first step: loading, tokenizing, wrapping
+FIRST_STEP_AT = "first_step_at"  # wall clock (unix seconds) when the first step of this process began
+TRAIN_TIME_S = "train_time_s"  # seconds spent in optimizer steps, without set-up, eval and checkpoints
 
 CHECKPOINT_STATE_FILE = "trainer_state.pt"
 ADAPTER_RUN_CONFIG = "raylora_config.json"  # beside the adapter weights: the run config and resolved targets
@@ -214,6 +221,8 @@ def train(
     model.to(workers.device)  # LoRA weights are created on the CPU; the base already sits on the device
     if workers.world_size > 1:
         _shard_with_fsdp2(model)
+    if cfg_train.compile:
+        _compile_decoder_layers(model)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
@@ -252,8 +261,12 @@ def train(
     eval_loss = math.nan
     last: dict[str, float] = {}
     tokens_seen = 0.0
+    static[SETUP_TIME_S] = time.perf_counter() - started
+    static[FIRST_STEP_AT] = time.time()
+    train_time = 0.0
     window_tokens, window_start = 0.0, time.perf_counter()
     while step < cfg_train.max_steps:
+        step_started = time.perf_counter()
         # Reseed per step: dropout masks depend on (seed, step, rank) only, which makes resume exact.
         torch.manual_seed(cfg_train.seed * 1_000_003 + step * 1009 + workers.rank)
         micro_batches = [next(batches) for _ in range(accum)]
@@ -283,6 +296,7 @@ def train(
                 f"train loss is {train_loss} at step {step}; lower `training.learning_rate` "
                 f"(now {cfg_train.learning_rate}) or set `training.max_grad_norm`"
             )
+        train_time += time.perf_counter() - step_started
 
         last_step = step == cfg_train.max_steps
         if step % cfg_train.log_every == 0 or last_step:
@@ -296,6 +310,7 @@ def train(
                 GRAD_NORM: grad_norm,
                 TOKENS_PER_SEC: window_tokens / max(elapsed, 1e-9),
                 TOKENS_SEEN: tokens_seen,
+                TRAIN_TIME_S: train_time,
                 PEAK_MEMORY_GIB: workers.max(_peak_memory_gib(workers.device)),
                 **static,
             }
@@ -556,6 +571,13 @@ def _shard_with_fsdp2(model: torch.nn.Module) -> None:
     for layer in layers:
         fully_shard(layer)
     fully_shard(model)
+
+
+def _compile_decoder_layers(model: torch.nn.Module) -> None:
+    # Per layer rather than the whole model: the layers share one graph (their weights are its inputs), so
+    # compile time does not grow with depth, and the loss, the optimizer and the host code stay eager.
+    for layer in _decoder_layers(model):
+        layer.compile()
 
 
 def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
