@@ -280,11 +280,6 @@ class TrainingConfig:
         "Recompute decoder-layer activations in the backward pass: less memory, about a third more compute.",
         default=False,
     )
-    compile: bool = _help(
-        "torch.compile each decoder layer (one compile shared by all layers, on the first step): fuses the "
-        "norms, rotary, activations and LoRA dropout on a GPU; off on the CPU, where it only costs time.",
-        default=False,
-    )
     precision: str = _help(
         "auto (bf16 autocast on GPU, fp32 on CPU), bf16, or fp32.",
         default="auto",

@@ -221,8 +221,6 @@ def train(
     model.to(workers.device)  # LoRA weights are created on the CPU; the base already sits on the device
     if workers.world_size > 1:
         _shard_with_fsdp2(model)
-    if cfg_train.compile:
-        _compile_decoder_layers(model)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
@@ -571,13 +569,6 @@ def _shard_with_fsdp2(model: torch.nn.Module) -> None:
     for layer in layers:
         fully_shard(layer)
     fully_shard(model)
-
-
-def _compile_decoder_layers(model: torch.nn.Module) -> None:
-    # Per layer rather than the whole model: the layers share one graph (their weights are its inputs), so
-    # compile time does not grow with depth, and the loss, the optimizer and the host code stay eager.
-    for layer in _decoder_layers(model):
-        layer.compile()
 
 
 def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
