@@ -650,7 +650,7 @@ def _run_trial(sampled: dict[str, Any], *, sweep_spec: dict[str, Any]) -> None:
         if workers == 1:
             checkpoint = tune.get_checkpoint()
             resume_dir = _local_copy(checkpoint, config) if checkpoint else None
-            train(config, reporter=_TuneReporter(), resume_from=resume_dir)
+            train(config, reporter=_EvalReporter(tune), resume_from=resume_dir)
         else:
             _fit_torch_trainer(config, sweep_spec, context.get_trial_id())
     except NonFiniteLossError as error:
@@ -678,40 +678,26 @@ def _local_copy(checkpoint, config: FinetuneConfig) -> str:
     return checkpoint.to_directory(str(target))
 
 
-class _TuneReporter:
-    """1-worker trials: train reports are buffered and ride with the next eval report into Tune."""
+class _EvalReporter:
+    """Buffers train reports; each eval report goes out with the train history since the previous one.
 
-    def __init__(self) -> None:
+    `via` is `ray.tune` for 1-worker trials (the loop runs in the trial) or `ray.train` on TorchTrainer
+    workers (every rank reports each eval, since Ray Train's report is a barrier; rank 0 the checkpoint).
+    Both modules have the same `report(metrics, checkpoint=...)` and `Checkpoint.from_directory`.
+    """
+
+    def __init__(self, via) -> None:
+        self._via = via
         self._history: list[dict[str, float]] = []
 
     def report(self, metrics: dict[str, float], *, checkpoint_dir: str | None = None) -> None:
-        from ray import tune
-
         if EVAL_LOSS not in metrics:
             self._history.append(dict(metrics))
             return
         result = {**metrics, TRAIN_HISTORY: self._history}
         self._history = []
-        checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        tune.report(result, checkpoint=checkpoint)
-
-
-class _TrainWorkerReporter:
-    """N-worker trials: every worker reports each eval (Ray Train's report is a barrier), rank 0 the checkpoint."""
-
-    def __init__(self) -> None:
-        self._history: list[dict[str, float]] = []
-
-    def report(self, metrics: dict[str, float], *, checkpoint_dir: str | None = None) -> None:
-        import ray.train
-
-        if EVAL_LOSS not in metrics:
-            self._history.append(dict(metrics))
-            return
-        result = {**metrics, TRAIN_HISTORY: self._history}
-        self._history = []
-        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(result, checkpoint=checkpoint)
+        checkpoint = self._via.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        self._via.report(result, checkpoint=checkpoint)
 
 
 def _train_worker(loop_config: dict[str, Any]) -> None:
@@ -723,7 +709,7 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     config.training.output_dir = f"{config.training.output_dir}/rank{rank}"
     checkpoint = ray.train.get_checkpoint()
     resume_dir = _local_copy(checkpoint, config) if checkpoint else None
-    train(config, reporter=_TrainWorkerReporter(), resume_from=resume_dir)
+    train(config, reporter=_EvalReporter(ray.train), resume_from=resume_dir)
 
 
 def _fit_torch_trainer(config: FinetuneConfig, spec: dict[str, Any], trial_id: str) -> None:
