@@ -33,7 +33,6 @@ from raylora.config import ConfigError, FinetuneConfig
 from raylora.train import (
     EVAL_LOSS,
     EVAL_PERPLEXITY,
-    QLORA_FSDP_UNSUPPORTED,
     STEP,
     TRAIN_LOSS,
     NonFiniteLossError,
@@ -239,12 +238,6 @@ class Sweep:
             )
         if self.search_alg == "grid" and not has_grid:
             problems.append("`sweep.search_alg` is 'grid' but the search space has no tune.grid_search entry")
-        qlora_candidates = [
-            c.get("adapter.qlora", self.base.adapter.qlora)
-            for c in _candidate_configs(self.search_space, ("adapter.qlora",))
-        ]
-        if isinstance(self.resources.workers, int) and self.resources.workers > 1 and any(qlora_candidates):
-            problems.append(QLORA_FSDP_UNSUPPORTED)
         try:
             self.base.validate()
         except ConfigError as error:
