@@ -197,7 +197,7 @@ def train(
         ConfigError: a bad field, model, target module, or dataset, before any training step.
         NonFiniteLossError: the train loss became NaN or infinite.
     """
-    config.validate()
+    _validate_with_model(config)
     workers = _Workers.detect()
     if reporter is None:
         reporter = (
@@ -208,8 +208,6 @@ def train(
     torch.manual_seed(cfg_train.seed)
 
     # ---- set-up: everything that can reject the input happens before the first step ------------------
-    # Model-dependent checks from config.json alone: no weights are loaded before they pass.
-    check_model(cfg_model, cfg_adapter, max_length=cfg_data.max_length)
     tokenizer = load_tokenizer(cfg_model)
     data: TokenizedData = load_data(cfg_data, tokenizer, seed=cfg_train.seed)
     model = load_base_model(cfg_model, qlora=cfg_adapter.qlora, device=workers.device)
@@ -341,6 +339,26 @@ def train(
     workers.barrier()
     final = {**last, STEP: float(step), EVAL_LOSS: eval_loss, WALL_TIME_S: time.perf_counter() - started}
     return TrainResult(step, eval_loss, str(adapter_dir), target_modules, parameters, final)
+
+
+def _validate_with_model(config: FinetuneConfig) -> None:
+    """Every field check and every model-dependent check (from config.json alone, no weights), in one error.
+
+    The model checks run only when the fields they read are sound, so a bad field is not reported twice.
+    """
+    problems: list[str] = []
+    try:
+        config.validate()
+    except ConfigError as error:
+        problems.extend(error.problems)
+    needed = ("`model.", "`adapter.target_modules`", "`adapter.modules_to_save`", "`data.max_length`")
+    if not any(problem.startswith(needed) for problem in problems):
+        try:
+            check_model(config.model, config.adapter, max_length=config.data.max_length)
+        except ConfigError as error:
+            problems.extend(error.problems)
+    if problems:
+        raise ConfigError(problems)
 
 
 def evaluate_adapter(config: FinetuneConfig, adapter_dir: str | os.PathLike[str]) -> float:

@@ -196,6 +196,17 @@ def test_bad_config_is_refused_with_every_problem_listed():
     assert "`data.eval_fraction` must be strictly between 0 and 1" in message and "1.5" in message
 
 
+def test_field_and_model_problems_are_reported_together_before_any_work(tmp_path):
+    config = _config(tmp_path)
+    config.adapter.r = 0
+    config.adapter.target_modules = ["q_proj", "q_porj"]
+    with pytest.raises(ConfigError, match="found 2 problems") as info:
+        train(config, reporter=RecordingReporter())
+    assert "`adapter.r` must be a positive integer, got 0" in str(info.value)
+    assert "q_porj" in str(info.value) and "q_proj" in str(info.value)
+    assert not Path(config.training.output_dir).exists()
+
+
 def test_max_length_beyond_the_model_is_refused_before_training(tmp_path):
     config = _config(tmp_path)
     config.data.max_length = 4096  # the tiny preset knows 1024 positions
