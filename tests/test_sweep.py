@@ -146,14 +146,14 @@ def test_a_diverging_trial_fails_with_its_reason_and_the_sweep_goes_on(tmp_path)
     assert re.search(r"train loss is (nan|inf) at step \d+", failed.error), failed.error
 
 
-def test_two_worker_fsdp_trial_matches_one_worker_at_equal_global_batch(tmp_path):
+def _two_workers_against_one(tmp_path: Path, *, qlora: bool) -> tuple[float, float]:
+    """Eval loss after 10 steps: a 2-worker FSDP2 trial at batch 4 per worker, and one process at batch 8."""
     base = _small_base(steps=10)
-    base.training.eval_every = 10
     base.training.batch_size = 4  # per worker: 2 workers x 4 = the 1-worker run's 8
-    base.training.log_every = 1
     base.adapter.dropout = 0.0
+    base.adapter.qlora = qlora
     sweep = Sweep(
-        name="fsdp",
+        name="qlora-fsdp" if qlora else "fsdp",
         base=base,
         search_space={"adapter.r": 8},
         scheduler="fifo",
@@ -163,61 +163,38 @@ def test_two_worker_fsdp_trial_matches_one_worker_at_equal_global_batch(tmp_path
         resources=Resources(workers=2, cpus_per_worker=0.95),
         storage_path=str(tmp_path),
     )
-    result = run_sweep(sweep, verbose=0)
-    (trial,) = result.trials
-    assert trial.status != "ERROR", trial.error
-    assert trial.step == 10
-
-    single = base.with_overrides({"training.batch_size": 8, "adapter.r": 8})
-    single.training.output_dir = str(tmp_path / "single")
-
-    class Keep:
-        def __init__(self):
-            self.last = {}
-
-        def report(self, metrics, *, checkpoint_dir=None):
-            self.last = metrics
-
-    reporter = Keep()
-    train(single, reporter=reporter)
-    # Same examples per step, loss normalised by the global token count: the two runs compute the same
-    # function; only the order of fp32 reductions differs (gradient reduce-scatter vs one local sum).
-    # Measured: 3.9220946 vs 3.9220946 (1.7e-8 relative) after 10 Adam steps; 1e-5 leaves room for the
-    # rounding to grow over steps while still failing on any real difference (a wrong shard, a mis-scaled
-    # loss or a skipped batch moves the loss by 1e-2 or more).
-    assert trial.metric == pytest.approx(reporter.last[EVAL_LOSS], rel=1e-5)
-
-
-def test_a_qlora_trial_under_fsdp2_matches_one_worker(tmp_path):
-    base = _small_base(steps=10)
-    base.training.batch_size = 4  # per worker: 2 workers x 4 = the 1-worker run's 8
-    base.adapter.qlora = True
-    sweep = Sweep(
-        name="qlora-fsdp",
-        base=base,
-        search_space={"adapter.r": 8},
-        scheduler="fifo",
-        num_samples=1,
-        max_failures=0,
-        resources=Resources(workers=2, cpus_per_worker=0.95),
-        storage_path=str(tmp_path),
-    )
-    result = run_sweep(sweep, verbose=0)
-    (trial,) = result.trials
-    assert trial.status != "ERROR", trial.error
+    (trial,) = run_sweep(sweep, verbose=0).trials
+    assert trial.status != "ERROR" and trial.step == 10, trial
 
     single = base.with_overrides({"training.batch_size": 8, "adapter.r": 8})
     single.training.output_dir = str(tmp_path / "single")
     reporter = _LastReport()
     train(single, reporter=reporter)
+    return trial.metric, reporter.last[EVAL_LOSS]
+
+
+def test_two_worker_fsdp_trial_matches_one_worker_at_equal_global_batch(tmp_path):
+    sharded, single = _two_workers_against_one(tmp_path, qlora=False)
+    # Same examples per step, loss normalised by the global token count: the two runs compute the same
+    # function; only the order of fp32 reductions differs (gradient reduce-scatter vs one local sum).
+    # Measured: 3.9220946 vs 3.9220946 (1.7e-8 relative) after 10 Adam steps; 1e-5 leaves room for the
+    # rounding to grow over steps while still failing on any real difference (a wrong shard, a mis-scaled
+    # loss or a skipped batch moves the loss by 1e-2 or more).
+    assert sharded == pytest.approx(single, rel=1e-5)
+
+
+def test_a_qlora_trial_under_fsdp2_matches_one_worker(tmp_path):
+    sharded, single = _two_workers_against_one(tmp_path, qlora=True)
     # The 4-bit matmul computes in bf16, whose rounding depends on the batch shape: measured 6e-6 relative
     # after 10 steps. A wrong shard or a lost gradient moves it by 1e-2 or more (4.50 against 3.93 when the
     # layers were resharded between forward and backward).
-    assert trial.metric == pytest.approx(reporter.last[EVAL_LOSS], rel=1e-4)
-    assert trial.metric < 5.0  # and it learned: the base starts near ln(259) = 5.56
+    assert sharded == pytest.approx(single, rel=1e-4)
+    assert sharded < 5.0  # and it learned: the base starts near ln(259) = 5.56
 
 
 class _LastReport:
+    """A Reporter that keeps the last report."""
+
     def __init__(self) -> None:
         self.last: dict[str, float] = {}
 
