@@ -290,7 +290,7 @@ class Sweep:
         """The `FinetuneConfig` of one trial: the base with the sampled fields applied."""
         overrides = dict(sampled)
         ratio = overrides.pop(ALPHA_RATIO, None)
-        config = self.base.with_overrides(overrides) if overrides else self.base.with_overrides({})
+        config = self.base.with_overrides(overrides)  # a copy even when nothing is overridden
         if ratio is not None:
             config.adapter.alpha = float(ratio) * config.adapter.r
         return config
@@ -756,7 +756,7 @@ def _summarise(sweep: Sweep, grid, experiment_path: str) -> SweepResult:
         trials.append(
             TrialSummary(
                 trial_id=trial_id,
-                config={k: v for k, v in config.items()},
+                config=dict(config),
                 status="ERROR" if result.error else ("TERMINATED" if metrics else "PENDING"),
                 metric=None
                 if metric is None or (isinstance(metric, float) and math.isnan(metric))
@@ -834,10 +834,6 @@ def load_sweep(path: str | os.PathLike[str]) -> Sweep:
     raise ConfigError(f"sweep file {str(path)!r} defines {len(sweeps)} sweeps; name the one to run `sweep`")
 
 
-def _json_default(value: Any) -> Any:
-    return str(value)
-
-
 def write_summary(result: SweepResult, path: str | os.PathLike[str]) -> None:
     """Write the trials and the best trial as JSON (what `raylora report` reads)."""
     payload = {
@@ -849,4 +845,4 @@ def write_summary(result: SweepResult, path: str | os.PathLike[str]) -> None:
         "trials": [dataclasses.asdict(t) for t in result.trials],
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    Path(path).write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
+    Path(path).write_text(json.dumps(payload, indent=2, default=str) + "\n")

@@ -158,17 +158,21 @@ class _Workers:
         return _Workers(rank, world_size, device)
 
     def sum(self, value: float | int) -> float:
-        if self.world_size == 1:
-            return float(value)
-        tensor = torch.tensor([float(value)], dtype=torch.float64, device=self._collective_device())
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        return float(tensor.item())
+        return self._all_reduce(value, dist.ReduceOp.SUM)
 
     def max(self, value: float) -> float:
+        return self._all_reduce(value, dist.ReduceOp.MAX)
+
+    def autocast(self, precision: str) -> torch.autocast:
+        """bf16 autocast when asked, or by default (`auto`) on a GPU; a disabled context otherwise."""
+        use_bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    def _all_reduce(self, value: float | int, op) -> float:
         if self.world_size == 1:
             return float(value)
         tensor = torch.tensor([float(value)], dtype=torch.float64, device=self._collective_device())
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        dist.all_reduce(tensor, op=op)
         return float(tensor.item())
 
     def barrier(self) -> None:
@@ -228,10 +232,7 @@ def train(
     if resume_from is not None:
         step = _load_checkpoint(Path(resume_from), model, optimizer, scheduler, config)
 
-    use_bf16 = cfg_train.precision == "bf16" or (
-        cfg_train.precision == "auto" and workers.device.type == "cuda"
-    )
-    autocast = torch.autocast(workers.device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    autocast = workers.autocast(cfg_train.precision)
     pad_id = tokenizer.pad_token_id
     accum = cfg_train.grad_accum_steps
     batches = iterate_batches(
@@ -375,10 +376,7 @@ def evaluate_adapter(config: FinetuneConfig, adapter_dir: str | os.PathLike[str]
     base = load_base_model(config.model, qlora=config.adapter.qlora, device=workers.device)
     data = load_data(config.data, tokenizer, seed=config.training.seed)
     model = PeftModel.from_pretrained(base, str(adapter_dir)).to(workers.device)
-    use_bf16 = config.training.precision == "bf16" or (
-        config.training.precision == "auto" and workers.device.type == "cuda"
-    )
-    autocast = torch.autocast(workers.device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    autocast = workers.autocast(config.training.precision)
     return _evaluate(model, data, config, workers, autocast, tokenizer.pad_token_id)
 
 
