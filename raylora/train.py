@@ -678,7 +678,8 @@ def _load_checkpoint(directory: Path, model, optimizer, scheduler, config: Finet
             "pass a `checkpoints/step-*` directory of an earlier run"
         )
     state = torch.load(state_file, map_location="cpu", weights_only=False)
-    expected = set(get_model_state_dict(model, options=_FULL))
+    # Key names from the sharded state dict: the full one (_FULL) is empty on every rank but 0.
+    expected = set(get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True)))
     if set(state["adapter"]) != expected:
         missing = sorted(expected - set(state["adapter"]))[:3]
         raise ConfigError(
