@@ -1,4 +1,4 @@
-"""Everything MLflow: a parent run per sweep, a child run per trial, artifacts, the registry, redaction.
+"""Everything MLflow: a parent run per sweep, a child run per trial, artifacts, the registry.
 
 All logging happens in one process, the sweep's driver, through a Ray Tune callback (`MlflowTracker`):
 trials never open the tracking store themselves, so N concurrent trials don't fight over one sqlite file
@@ -7,7 +7,8 @@ answering mid-sweep does not stop training: the failed calls are kept, retried o
 the end, and whatever is still lost is counted in a tag on the parent run.
 
 Secrets never reach MLflow: values of config fields or environment variables whose names contain token,
-key, secret or password are replaced by `***` in params, tags and every logged config file.
+key, secret or password are replaced by `***` in params, tags and every logged config file (the rule
+lives in `raylora.redaction`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -28,7 +28,8 @@ from typing import Any
 from ray import tune
 
 from raylora.config import FinetuneConfig
-from raylora.sweep import TRAIN_HISTORY, Sweep
+from raylora.redaction import REDACTED, redact, secret_values
+from raylora.sweep import NUM_NODES, TRAIN_HISTORY, WORKER_NODES, Sweep
 from raylora.train import (
     ADAPTER_RUN_CONFIG,
     EVAL_LOSS,
@@ -56,8 +57,6 @@ __all__ = [
 ]
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-REDACTED = "***"
-_SECRET_NAME = re.compile(r"token|key|secret|password|passwd|credential", re.IGNORECASE)
 # Per-step metrics (logged at their step) and per-trial summaries (logged once, at the end).
 _STEP_METRICS = (
     TRAIN_LOSS,
@@ -75,6 +74,7 @@ _SUMMARY_METRICS = (
     PEAK_MEMORY_GIB,
     WALL_TIME_S,
     TOKENS_SEEN,
+    NUM_NODES,
 )
 _TAG_TRIAL = "raylora.trial_id"
 _TAG_SWEEP = "raylora.sweep"
@@ -85,43 +85,6 @@ _PACKAGES = ("raylora", "torch", "transformers", "peft", "ray", "bitsandbytes", 
 def resolve_tracking_uri(uri: str | None = None) -> str:
     """`uri`, else `MLFLOW_TRACKING_URI`, else a sqlite store in the working directory."""
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-
-
-# ---- redaction -----------------------------------------------------------------------------------------------
-
-
-def _secret_values() -> list[str]:
-    """Values of environment variables whose names look secret (HF_TOKEN, AWS_SECRET_ACCESS_KEY, ...)."""
-    return sorted(
-        {v for k, v in os.environ.items() if _SECRET_NAME.search(k) and v and len(v) >= 6},
-        key=len,
-        reverse=True,
-    )
-
-
-def redact(value: Any, *, secrets: list[str] | None = None) -> Any:
-    """A copy of `value` with secrets replaced by `***`.
-
-    Dict entries whose key names a secret lose their value; any string containing the value of a secret
-    environment variable has that value masked, wherever it appears (a URL, a command line, a path).
-    """
-    secrets = _secret_values() if secrets is None else secrets
-    if isinstance(value, dict):
-        return {
-            k: (
-                REDACTED
-                if _SECRET_NAME.search(str(k)) and v not in (None, "", [], {})
-                else redact(v, secrets=secrets)
-            )
-            for k, v in value.items()
-        }
-    if isinstance(value, list | tuple):
-        return type(value)(redact(v, secrets=secrets) for v in value)
-    if isinstance(value, str):
-        for secret in secrets:
-            value = value.replace(secret, REDACTED)
-        return value
-    return value
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
@@ -160,7 +123,7 @@ class MlflowTracker(tune.Callback):
         self._pending: list[tuple[str, Callable[[], Any]]] = []
         self._lost = 0
         self._warned = False
-        self._secrets = _secret_values()
+        self._secrets = secret_values()
         self._resolved_logged: set[str] = set()
         self._failed: set[str] = set()
 
@@ -414,6 +377,8 @@ class MlflowTracker(tune.Callback):
         if isinstance(last.get(EVAL_LOSS), int | float):
             summary.append(Metric("final_eval_loss", float(last[EVAL_LOSS]), now, step))
         tags = [RunTag("raylora.status", status)]
+        if last.get(WORKER_NODES):
+            tags.append(RunTag("raylora.worker_nodes", str(last[WORKER_NODES])))
         if reason:
             tags.append(RunTag("raylora.reason", redact(reason, secrets=self._secrets)[:5000]))
         self._call("log summary", lambda: self.client.log_batch(run_id, metrics=summary, tags=tags))
