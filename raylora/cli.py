@@ -1,4 +1,4 @@
-"""`raylora` command line: thin parsing in front of `raylora.train` (and the sweep and report modules)."""
+"""`raylora` command line: thin parsing in front of the train, sweep, jobs and report modules."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from raylora.config import ConfigError, FinetuneConfig, demo_config
+from raylora.jobs import JobError
 
 __all__ = ["main"]
 
@@ -137,6 +138,86 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from raylora.jobs import follow_job, submit_sweep
+
+    job = submit_sweep(
+        args.sweep_file,
+        address=args.address,
+        working_dir=args.working_dir,
+        excludes=args.exclude,
+        env=args.env,
+        pip=args.pip,
+        requirements=args.requirements,
+        storage_path=args.storage_path,
+        tracking_uri=args.tracking_uri,
+        num_samples=args.num_samples,
+        resume=args.resume,
+        mlflow=not args.no_mlflow,
+        job_id=args.job_id,
+        progress=lambda line: print(f"raylora submit: {line}", flush=True),
+    )
+    size = f", {job.package_bytes / 2**20:.1f} MiB packed" if job.package_bytes is not None else ""
+    env = ", ".join(f"{k}={v}" for k, v in sorted(job.env.items())) or "(none)"
+    where = f"--address {job.address}"
+    print(
+        f"job submitted: {job.job_id}\n"
+        f"  working dir: {job.working_dir}{size}\n"
+        f"  entrypoint:  {job.entrypoint}\n"
+        f"  env:         {env}\n"
+        f"  dashboard:   {job.dashboard_url}\n"
+        f"  status:      raylora jobs status {job.job_id} {where}\n"
+        f"  logs:        raylora jobs logs {job.job_id} {where} --follow\n"
+        f"  stop:        raylora jobs stop {job.job_id} {where}",
+        flush=True,
+    )
+    if not args.follow:
+        return 0
+    return _follow(job.job_id, job.address, follow_job)
+
+
+def _follow(job_id: str, address: str, follow_job) -> int:
+    try:
+        status = follow_job(job_id, address=address)
+    except KeyboardInterrupt:
+        print(
+            f"\nraylora: stopped following; job {job_id} goes on (raylora jobs stop {job_id} --address {address})",
+            file=sys.stderr,
+        )
+        return 130
+    print(f"job {job_id}: {status}")
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def _cmd_jobs(args: argparse.Namespace) -> int:
+    from raylora import jobs
+
+    if args.action == "list":
+        rows = jobs.list_jobs(address=args.address, all_jobs=args.all)
+        if not rows:
+            print("no raylora jobs on this cluster" + ("" if args.all else " (--all lists every job)"))
+        for row in rows:
+            print(
+                f"{row['job_id']}  {row['status']:<9}  {row['sweep']:<20}  {row['start_time']}  {row['end_time']}"
+            )
+        return 0
+    if not args.job_id:
+        raise ConfigError(f"`raylora jobs {args.action}` needs a JOB_ID; `raylora jobs list` shows them")
+    if args.action == "status":
+        info = jobs.job_status(args.job_id, address=args.address)
+        for key, value in info.items():
+            print(f"{key + ':':<12} {', '.join(value) if isinstance(value, list) else value}")
+        return 0
+    if args.action == "logs":
+        if args.follow:
+            return _follow(args.job_id, jobs.resolve_address(args.address), jobs.follow_job)
+        print(jobs.job_logs(args.job_id, address=args.address), end="")
+        return 0
+    status = jobs.stop_job(args.job_id, address=args.address)
+    print(f"job {args.job_id}: {status}")
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from raylora.report import write_report
 
@@ -216,6 +297,68 @@ def _build_parser() -> argparse.ArgumentParser:
     run_parser.add_argument("--no-mlflow", action="store_true", help="do not log the sweep to MLflow")
     run_parser.set_defaults(func=_cmd_run)
 
+    submit_parser = commands.add_parser(
+        "submit",
+        help="submit a sweep file to a Ray cluster as a Ray Job (the project directory travels with it)",
+        description="Submit `raylora run SWEEP_FILE` as a Ray Job. Equivalent to `ray job submit "
+        "--working-dir . -- raylora run SWEEP_FILE`, plus checks before the upload.",
+    )
+    submit_parser.add_argument("sweep_file", help="a sweep file inside the working directory")
+    submit_parser.add_argument(
+        "--address",
+        help="the Ray dashboard, e.g. http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS, RAY_ADDRESS)",
+    )
+    submit_parser.add_argument(
+        "--working-dir", help="directory uploaded with the job (default: the project holding the sweep file)"
+    )
+    submit_parser.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="gitignore-style pattern left out of the upload (repeatable; .git, .venv, caches and results are always left out)",
+    )
+    submit_parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME[=VALUE]",
+        help="environment variable for the job (repeatable); values of secret names are never printed",
+    )
+    submit_parser.add_argument(
+        "--pip", action="append", default=[], metavar="PACKAGE", help="pip package installed for the job"
+    )
+    submit_parser.add_argument("--requirements", help="a requirements.txt installed for the job")
+    submit_parser.add_argument(
+        "--storage-path",
+        help="where trials and checkpoints go: s3://..., gs://... or a shared filesystem path",
+    )
+    submit_parser.add_argument("--tracking-uri", help="MLflow tracking URI the cluster reaches")
+    submit_parser.add_argument("--num-samples", type=int, help="override the number of trials")
+    submit_parser.add_argument(
+        "--resume", action="store_true", help="continue the sweep from its storage path"
+    )
+    submit_parser.add_argument("--no-mlflow", action="store_true", help="do not log the sweep to MLflow")
+    submit_parser.add_argument(
+        "--job-id", help="the submission id (default: raylora-<sweep>-<time>-<random>)"
+    )
+    submit_parser.add_argument(
+        "--follow",
+        action="store_true",
+        help="stream the job's log until it ends; exit 0 only if it succeeded",
+    )
+    submit_parser.set_defaults(func=_cmd_submit)
+
+    jobs_parser = commands.add_parser("jobs", help="status, logs, stop or list of jobs on a Ray cluster")
+    jobs_parser.add_argument("action", choices=("status", "logs", "stop", "list"))
+    jobs_parser.add_argument("job_id", nargs="?", help="the job id `raylora submit` printed")
+    jobs_parser.add_argument(
+        "--address", help="the Ray dashboard (default: RAY_API_SERVER_ADDRESS, RAY_ADDRESS)"
+    )
+    jobs_parser.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
+    jobs_parser.add_argument("--all", action="store_true", help="list: every job, not only raylora's")
+    jobs_parser.set_defaults(func=_cmd_jobs)
+
     report_parser = commands.add_parser("report", help="trials table and comparison plots of a sweep")
     report_parser.add_argument(
         "source", help="a sweep directory (<storage_path>/<name>) or its MLflow parent run id"
@@ -234,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as error:
+    except (ConfigError, JobError) as error:
         print(f"raylora: error: {error}", file=sys.stderr)
         return 2
     except (
