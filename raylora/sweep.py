@@ -45,7 +45,9 @@ __all__ = [
     "Resources",
     "Sweep",
     "SweepResult",
+    "NUM_NODES",
     "TRAIN_HISTORY",
+    "WORKER_NODES",
     "TrialSummary",
     "experiment_path",
     "load_sweep",
@@ -56,6 +58,9 @@ __all__ = [
 ALPHA_RATIO = "adapter.alpha_ratio"
 # Key of a Tune result that holds the train-metric reports logged since the previous eval.
 TRAIN_HISTORY = "train_history"
+# Where a trial's workers ran, in rank order (Ray node ids, comma-separated), and on how many nodes.
+WORKER_NODES = "worker_nodes"
+NUM_NODES = "num_nodes"
 # Metrics present in every Tune result: what a sweep may optimise and ASHA may compare.
 REPORTED_METRICS = (EVAL_LOSS, EVAL_PERPLEXITY, TRAIN_LOSS)
 SEARCH_ALGORITHMS = ("random", "grid", "optuna")
@@ -581,41 +586,58 @@ def _check_cluster(sweep: Sweep, storage: str) -> None:
             f"`resources.placement_strategy` STRICT_SPREAD needs {res.workers} nodes that each fit a worker, "
             f"the cluster has {len(fitting)}; use SPREAD or fewer workers"
         )
-    if len(nodes) > 1 and "://" not in storage and not _is_shared_filesystem(storage):
-        problems.append(
-            f"`sweep.storage_path` {storage!r} is a local directory, but the cluster has {len(nodes)} nodes: "
-            "checkpoints written on one node are invisible to the others. Use a cloud URI (s3://, gs://) "
-            "or a path on a shared filesystem (NFS) mounted on every node"
-        )
+    if len(nodes) > 1 and "://" not in storage:
+        blind = _nodes_not_seeing(storage, [n["NodeID"] for n in nodes])
+        if blind:
+            problems.append(
+                f"`sweep.storage_path` {storage!r} is a local directory that {len(blind)} of the cluster's "
+                f"{len(nodes)} nodes do not see (a file written there from this driver was not found on node "
+                f"{', '.join(b[:12] for b in blind)}): checkpoints written on one node would be invisible to "
+                "the others. Use a cloud URI (s3://, gs://) or a path on a filesystem every node mounts (NFS)"
+            )
     if problems:
         raise ConfigError(problems)
 
 
-def _is_shared_filesystem(path: str) -> bool:
-    """Whether `path` lies on a network filesystem (NFS, CIFS, Lustre, GPFS...) per /proc/mounts."""
-    shared = {
-        "nfs",
-        "nfs4",
-        "cifs",
-        "smb3",
-        "lustre",
-        "gpfs",
-        "ceph",
-        "glusterfs",
-        "beegfs",
-        "efs",
-        "fuse.s3fs",
-    }
+def _nodes_not_seeing(storage: str, node_ids: list[str], timeout_s: float = 60.0) -> list[str]:
+    """The nodes on which a file just written under `storage` by this driver does not exist.
+
+    Asking every node is the only test that holds for any set-up: an NFS mount, a path that happens to
+    exist everywhere but is not shared, several nodes on one machine (which do share it).
+    """
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    root = Path(storage)
+    root.mkdir(parents=True, exist_ok=True)
+    probe = root / f".raylora-shared-check-{uuid.uuid4().hex}"
+    probe.write_text("written by the sweep driver to check that every node sees this directory\n")
+    check = ray.remote(num_cpus=0)(_path_exists)
     try:
-        mounts = [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
-    except OSError:
-        return False
-    best, best_type = "", ""
-    for fields in mounts:
-        under = len(fields) >= 3 and (path == fields[1] or path.startswith(fields[1].rstrip("/") + "/"))
-        if under and len(fields[1]) > len(best):  # the deepest mount point holding the path decides
-            best, best_type = fields[1], fields[2]
-    return best_type in shared
+        refs = {
+            node: check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(
+                str(probe)
+            )
+            for node in node_ids
+        }
+        ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+        blind = []
+        for node, ref in refs.items():
+            try:
+                seen = ray.get(ref, timeout=0)
+            except Exception:  # no answer in time, or the node went away: not confirmed shared
+                seen = False
+            if not seen:
+                blind.append(node)
+        return blind
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+def _path_exists(path: str) -> bool:
+    return os.path.exists(path)
 
 
 # ---- one trial ------------------------------------------------------------------------------------------
@@ -623,6 +645,7 @@ def _is_shared_filesystem(path: str) -> bool:
 
 def _run_trial(sampled: dict[str, Any], *, sweep_spec: dict[str, Any]) -> None:
     """The Tune trial function: train one sampled config on 1 worker in-process, or N workers via TorchTrainer."""
+    import ray
     from ray import tune
 
     context = tune.get_context()
@@ -636,14 +659,15 @@ def _run_trial(sampled: dict[str, Any], *, sweep_spec: dict[str, Any]) -> None:
     # Every eval report carries a checkpoint, so ASHA decisions and retries always have one to resume from.
     config.training.checkpoint_every = config.training.eval_every
     config.training.output_dir = str(
-        Path(tempfile.gettempdir()) / "raylora" / sweep_spec["name"] / context.get_trial_id()
+        Path(tempfile.gettempdir()) / "raylora-trials" / sweep_spec["name"] / context.get_trial_id()
     )
     workers = sweep_spec["resources"]["workers"]
     try:
         if workers == 1:
             checkpoint = tune.get_checkpoint()
             resume_dir = _local_copy(checkpoint, config) if checkpoint else None
-            train(config, reporter=_EvalReporter(tune), resume_from=resume_dir)
+            placement = _placement([ray.get_runtime_context().get_node_id()])
+            train(config, reporter=_EvalReporter(tune, placement), resume_from=resume_dir)
         else:
             _fit_torch_trainer(config, sweep_spec, context.get_trial_id())
     except NonFiniteLossError as error:
@@ -677,17 +701,19 @@ class _EvalReporter:
     `via` is `ray.tune` for 1-worker trials (the loop runs in the trial) or `ray.train` on TorchTrainer
     workers (every rank reports each eval, since Ray Train's report is a barrier; rank 0 the checkpoint).
     Both modules have the same `report(metrics, checkpoint=...)` and `Checkpoint.from_directory`.
+    `placement` (where the workers run) goes out with every eval report: a retry on other nodes shows.
     """
 
-    def __init__(self, via) -> None:
+    def __init__(self, via, placement: dict[str, Any]) -> None:
         self._via = via
+        self._placement = placement
         self._history: list[dict[str, float]] = []
 
     def report(self, metrics: dict[str, float], *, checkpoint_dir: str | None = None) -> None:
         if EVAL_LOSS not in metrics:
             self._history.append(dict(metrics))
             return
-        result = {**metrics, TRAIN_HISTORY: self._history}
+        result = {**metrics, **self._placement, TRAIN_HISTORY: self._history}
         self._history = []
         checkpoint = self._via.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         self._via.report(result, checkpoint=checkpoint)
@@ -695,14 +721,23 @@ class _EvalReporter:
 
 def _train_worker(loop_config: dict[str, Any]) -> None:
     """Runs on each TorchTrainer worker: the same loop, resumed from the inner run's latest checkpoint."""
+    import ray
     import ray.train
+    import torch.distributed as dist
 
     config = FinetuneConfig.from_dict(loop_config["config"])
-    rank = ray.train.get_context().get_world_rank()
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    nodes: list[str] = [""] * context.get_world_size()
+    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     config.training.output_dir = f"{config.training.output_dir}/rank{rank}"
     checkpoint = ray.train.get_checkpoint()
     resume_dir = _local_copy(checkpoint, config) if checkpoint else None
-    train(config, reporter=_EvalReporter(ray.train), resume_from=resume_dir)
+    train(config, reporter=_EvalReporter(ray.train, _placement(nodes)), resume_from=resume_dir)
+
+
+def _placement(node_ids: list[str]) -> dict[str, Any]:
+    return {WORKER_NODES: ",".join(node_ids), NUM_NODES: len(set(node_ids))}
 
 
 def _fit_torch_trainer(config: FinetuneConfig, spec: dict[str, Any], trial_id: str) -> None:
