@@ -72,14 +72,9 @@ DEFAULT_EXCLUDES = (
     "node_modules",
 )
 # Sent along when set here, so a sweep submitted from a laptop reaches the same hub and tracking server.
-PASSTHROUGH_ENV = (
-    "HF_TOKEN",
-    "HF_ENDPOINT",
-    "MLFLOW_TRACKING_URI",
-    "MLFLOW_TRACKING_USERNAME",
-    "MLFLOW_TRACKING_PASSWORD",
-    "MLFLOW_TRACKING_TOKEN",
-)
+# Secrets (HF_TOKEN, MLFLOW_TRACKING_PASSWORD, ...) go only when named with `env`: on a cluster that keeps
+# them in its own secret store, a copy from a laptop would override it unasked.
+PASSTHROUGH_ENV = ("HF_ENDPOINT", "MLFLOW_TRACKING_URI")
 TERMINAL_STATUSES = ("SUCCEEDED", "FAILED", "STOPPED")
 _CONNECT_TIMEOUT_S = 5.0
 _PROJECT_MARKERS = ("pyproject.toml", "setup.py", "setup.cfg", ".git")

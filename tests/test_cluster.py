@@ -115,6 +115,8 @@ def test_quickstart_submitted_as_a_job_succeeds_and_logs_to_mlflow(cluster: Loca
         str(storage),
         "--tracking-uri",
         f"sqlite:///{db}",
+        "--env",
+        "HF_TOKEN",
         "--follow",
         env=env,
     )
