@@ -215,7 +215,9 @@ def test_working_dir_over_the_upload_limit_gets_a_hint(tmp_path):
     assert "upload limit" not in run.stderr and "cannot reach the Ray dashboard" in run.stderr
 
 
-def test_losing_a_node_mid_trial_resumes_from_checkpoint_and_the_job_succeeds(cluster: LocalCluster, tmp_path):
+def test_losing_a_node_mid_trial_resumes_from_checkpoint_and_the_job_succeeds(
+    cluster: LocalCluster, tmp_path
+):
     storage = tmp_path / "results"
     steps, eval_every = 60, 10
     sweep = _two_worker_sweep(tmp_path, "nodeloss", "SPREAD", steps=steps, eval_every=eval_every)
