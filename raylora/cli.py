@@ -51,8 +51,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = _load_config(args.config, args.set)
     if args.output_dir:
         config.training.output_dir = args.output_dir
+    config.validate()  # field problems before the banner; model-dependent ones come from train()
     if args.dump:
-        print(json.dumps(config.validate().to_dict(), indent=2))
+        print(json.dumps(config.to_dict(), indent=2))
         return 0
     resume_from = None
     if args.resume:

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterable
@@ -557,7 +558,7 @@ def _tune_config(sweep: Sweep):
 
 
 def _check_cluster(sweep: Sweep, storage: str) -> None:
-    """Refuse, before any trial starts, what this cluster can never run."""
+    """Refuse, before any trial starts, what this cluster can never run (on an autoscaling one: warn)."""
     import ray
 
     problems: list[str] = []
@@ -586,6 +587,14 @@ def _check_cluster(sweep: Sweep, storage: str) -> None:
             f"`resources.placement_strategy` STRICT_SPREAD needs {res.workers} nodes that each fit a worker, "
             f"the cluster has {len(fitting)}; use SPREAD or fewer workers"
         )
+    if problems and _autoscaling():
+        # Nodes that would fit may be added on demand: say what is missing now, and let the autoscaler try.
+        for problem in problems:
+            print(
+                f"raylora: warning: {problem} (the cluster autoscales, so the sweep goes ahead)",
+                file=sys.stderr,
+            )
+        problems = []
     if len(nodes) > 1 and "://" not in storage:
         blind = _nodes_not_seeing(storage, [n["NodeID"] for n in nodes])
         if blind:
@@ -597,6 +606,16 @@ def _check_cluster(sweep: Sweep, storage: str) -> None:
             )
     if problems:
         raise ConfigError(problems)
+
+
+def _autoscaling() -> bool:
+    """Whether the cluster has an autoscaler (KubeRay, `ray up`) that can add nodes while the sweep waits."""
+    try:
+        from ray._private.state import state
+
+        return state.get_cluster_config() is not None
+    except Exception:  # an internal API: if it moved, keep refusing what the nodes up now cannot run
+        return False
 
 
 def _nodes_not_seeing(storage: str, node_ids: list[str], timeout_s: float = 60.0) -> list[str]:
