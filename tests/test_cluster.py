@@ -219,7 +219,8 @@ def test_losing_a_node_mid_trial_resumes_from_checkpoint_and_the_job_succeeds(
     cluster: LocalCluster, tmp_path
 ):
     storage = tmp_path / "results"
-    steps, eval_every = 60, 10
+    # Long enough that the loss of the node is noticed (a few seconds) well before the last step.
+    steps, eval_every = 160, 10
     sweep = _two_worker_sweep(tmp_path, "nodeloss", "SPREAD", steps=steps, eval_every=eval_every)
     run = _raylora(
         "submit", str(sweep), "--address", cluster.dashboard, "--storage-path", str(storage),
