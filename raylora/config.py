@@ -33,6 +33,8 @@ BASE_DTYPES = ("bfloat16", "float16", "float32", "auto")
 DATA_FORMATS = ("text", "instruction", "chat")
 LR_SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
+# `auto`: inductor on one GPU, off on the CPU and under FSDP2; `aot_eager` traces without generating kernels.
+COMPILE_MODES = ("auto", "off", "inductor", "aot_eager")
 
 
 class ConfigError(ValueError):
@@ -276,9 +278,15 @@ class TrainingConfig:
     weight_decay: float = _help("AdamW weight decay on the adapter parameters.", default=0.0)
     max_grad_norm: float = _help("Clip the global gradient norm to this; 0 turns clipping off.", default=1.0)
     label_smoothing: float = _help("Label smoothing of the cross-entropy loss, in [0, 1).", default=0.0)
-    activation_checkpointing: bool = _help(
-        "Recompute decoder-layer activations in the backward pass: less memory, about a third more compute.",
-        default=False,
+    activation_checkpointing: bool | None = _help(
+        "Recompute decoder-layer activations in the backward pass: less memory, about a third more compute. "
+        "None (default): on with QLoRA, whose point is memory, off otherwise.",
+        default=None,
+    )
+    compile: str = _help(
+        "torch.compile each decoder layer: auto (inductor on a single GPU; off on the CPU, where compiling "
+        "costs more than it saves, and under FSDP2), off, inductor, or aot_eager (traced, eager kernels).",
+        default="auto",
     )
     precision: str = _help(
         "auto (bf16 autocast on GPU, fp32 on CPU), bf16, or fp32.",
@@ -312,6 +320,12 @@ class TrainingConfig:
             _positive_int(problems, "training.eval_batches", self.eval_batches)
         _choice(problems, "training.lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _choice(problems, "training.precision", self.precision, PRECISIONS)
+        _choice(problems, "training.compile", self.compile, COMPILE_MODES)
+        if self.activation_checkpointing not in (None, True, False):
+            problems.append(
+                "`training.activation_checkpointing` must be true, false or None (on with QLoRA only), "
+                f"got {self.activation_checkpointing!r}"
+            )
         if not (_number(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1):
             problems.append(f"`training.min_lr_ratio` must be in [0, 1], got {self.min_lr_ratio!r}")
         if not (_number(self.weight_decay) and self.weight_decay >= 0):

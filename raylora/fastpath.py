@@ -1,0 +1,237 @@
+"""The loop's fast path: a LoRA branch that keeps less for backward, and compiled decoder layers.
+
+Both compute what the plain peft + transformers modules compute; they change what is stored between the
+forward and the backward pass and how many kernels run, not the function.
+
+**The LoRA branch.** peft computes ``lora_B(lora_A(dropout(x.to(fp32)))) * scaling`` for every adapted
+layer. Under bf16 autocast that casts the layer's input to fp32, drops it out in fp32, and autocast casts the
+dropped copy back to bf16; autograd then keeps, per adapted layer, the dropout mask *and* a bf16 copy of the
+dropped input (for lora_A's weight gradient). q, k and v read the same input, so an attention block keeps
+three masks and three dropped copies of one tensor; on Llama-3-8B at 4 x 2048 tokens that is about 8 GiB
+of a 73 GiB step for the attention targets and about 19 GiB with all linear layers. `_lora_branch` keeps the
+input itself (one tensor, shared by every layer that reads it) and the boolean mask, and recomputes the
+dropped input in backward (one elementwise pass, no matmul). The arithmetic is peft's: the same masks from
+the same random stream (`native_dropout`, which `F.dropout` calls), the same scale ``1 / (1 - p)``, the same
+matmuls in the same dtype, with the result added to the base layer's output.
+
+**Compiled decoder layers.** `torch.compile` of each decoder layer (`nn.Module.compile`, so the layer
+objects, their hooks and state-dict names stay as they are) fuses the elementwise work around the matmuls:
+RMSNorm, rotary embeddings, SiLU x up, the dropout and the residual adds, and lets the partitioner recompute
+cheap elementwise results in backward instead of storing them. All decoder layers share one compiled graph
+(two, since the first layer's input does not require grad); evaluation runs the same layers eagerly (see
+`eager`), so a trial compiles once, for training, whatever its eval cadence. The fused kernels keep fp32
+between elementwise ops where eager rounds each to bf16, so compiled and eager gradients differ at bf16's
+rounding level (0.4% in norm on Llama-1B's first step); that is noise, not a different function, but AdamW's
+first step is a sign step and shows it (see BENCHMARKS.md, loss parity).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch._inductor.config
+import torch.nn.functional as F
+
+__all__ = ["compile_layers", "compiled_head_loss", "eager", "head_loss_and_grad", "install_lean_lora"]
+
+
+# The LoRA branch is a custom operator rather than an autograd.Function so that `torch.compile` treats it as
+# one opaque call: the partitioner then keeps exactly what `_save_for_backward` names (x and the mask). With
+# the branch traced op by op, it found it cheaper to keep the dropped bf16 copy *and* the mask, which costs
+# 2 more bytes per element of every adapted layer's input (about 8 GiB at Llama-3-8B x 8192 tokens with the
+# attention targets, 19 GiB with all linear layers). The `nondeterministic_seeded` tag tells the compiler
+# that the operator draws random numbers: under activation checkpointing its recomputation in backward then
+# replays the forward's random state, as eager checkpointing does, instead of drawing new masks.
+@torch.library.custom_op("raylora::lora_branch", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def _lora_branch(
+    x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor, p: float, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``linear(linear(dropout(x), A), B) * scaling``, with the dropout mask and ``linear(dropout(x), A)``.
+
+    `weight_a` and `weight_b` arrive in the dtype the matmuls run in (the autocast dtype, or the adapter's
+    own dtype without autocast); x keeps its own. `p` == 0 means no dropout (eval, or none configured), and
+    the mask returned is then empty.
+    """
+    with torch.autocast(x.device.type, enabled=False):
+        if p == 0:
+            dropped, mask = x, x.new_empty((0,), dtype=torch.bool)
+        else:
+            # The mask from the same random stream as `F.dropout`, which calls native_dropout for these
+            # inputs. On a GPU its output is the dropped input rounded once, as peft's; on the CPU its bf16
+            # output rounds twice, so there the dropped values come from the backward op (one rounding).
+            dropped, mask = torch.ops.aten.native_dropout(x, p, True)
+            if x.device.type == "cpu":
+                dropped = _dropped(x, mask, p)
+        hidden = F.linear(dropped.to(weight_a.dtype), weight_a)
+        out = F.linear(hidden, weight_b) * scaling
+    return out, mask, hidden
+
+
+@_lora_branch.register_fake
+def _(x, weight_a, weight_b, p, scaling):
+    mask = x.new_empty(x.shape if p > 0 else (0,), dtype=torch.bool)
+    hidden = x.new_empty((*x.shape[:-1], weight_a.size(0)), dtype=weight_a.dtype)
+    return x.new_empty((*x.shape[:-1], weight_b.size(0)), dtype=weight_b.dtype), mask, hidden
+
+
+def _dropped(x: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:
+    if p == 0:
+        return x
+    # The backward op scales in fp32 and rounds once, as peft's dropout of the fp32-cast input followed by
+    # autocast's cast to bf16 does (native_dropout's own CPU output for bf16 rounds twice).
+    return torch.ops.aten.native_dropout_backward(x, mask, 1.0 / (1.0 - p))
+
+
+def _save_for_backward(ctx, inputs, output) -> None:
+    x, weight_a, weight_b, p, scaling = inputs
+    _, mask, hidden = output
+    ctx.save_for_backward(x, weight_a, weight_b, mask, hidden)
+    ctx.p, ctx.scaling = p, scaling
+
+
+def _lora_branch_backward(ctx, grad_out, _grad_mask, _grad_hidden):
+    x, weight_a, weight_b, mask, hidden = ctx.saved_tensors
+    p = ctx.p
+    with torch.autocast(x.device.type, enabled=False):
+        grad_scaled = grad_out * ctx.scaling  # the backward of `* scaling`, in the output dtype
+        rank, n_out = weight_a.size(0), weight_b.size(0)
+        grad_b = grad_scaled.reshape(-1, n_out).t().mm(hidden.reshape(-1, rank))
+        grad_hidden = grad_scaled.matmul(weight_b)
+        # The dropped input again, from x and the mask: what forward multiplied into lora_A.
+        dropped = _dropped(x, mask, p).to(weight_a.dtype).reshape(-1, x.size(-1))
+        grad_a = grad_hidden.reshape(-1, rank).t().mm(dropped)
+        # In x's dtype before the mask, as autocast's cast back from the matmul dtype comes first in peft.
+        grad_x = grad_hidden.matmul(weight_a).to(x.dtype)
+        grad_x = _dropped(grad_x, mask, p)
+    return grad_x, grad_a, grad_b, None, None
+
+
+_lora_branch.register_autograd(_lora_branch_backward, setup_context=_save_for_backward)
+
+
+def _lean_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """peft's `Linear.forward` for one plain LoRA adapter, through `_lora_branch`.
+
+    Anything else (adapters disabled or merged, a mixed batch of adapters, a variant added after install)
+    takes peft's own forward, so that this path never has to know those cases.
+    """
+    active = self.active_adapters
+    if (
+        self.disable_adapters
+        or self.merged
+        or kwargs.get("adapter_names") is not None
+        or len(active) != 1
+        or not _plain(self, active[0])
+    ):
+        return type(self).forward(self, x, *args, **kwargs)
+    name = active[0]
+    result = self.base_layer(x, *args, **kwargs)
+    weight_a, weight_b = self.lora_A[name].weight, self.lora_B[name].weight
+    if torch.is_autocast_enabled(x.device.type):
+        # Autocast runs the matmuls in its dtype; the dropout sees the input as it is (bf16 from a bf16
+        # model; peft's fp32 cast of it is exact, so dropping out in fp32 and rounding once is the same).
+        dtype = torch.get_autocast_dtype(x.device.type)
+    else:
+        # peft casts the input to the adapter's dtype (fp32) first, and runs everything in it.
+        dtype = weight_a.dtype
+        x = x.to(dtype)
+    dropout = self.lora_dropout[name]
+    p = float(dropout.p) if isinstance(dropout, torch.nn.Dropout) else 0.0
+    p = p if dropout.training else 0.0
+    lora = _lora_branch(x, weight_a.to(dtype), weight_b.to(dtype), p, float(self.scaling[name]))[0]
+    return (result + lora).to(result.dtype)
+
+
+def _plain(module: torch.nn.Module, name: str) -> bool:
+    """One vanilla LoRA pair: no DoRA or other variant, no LoRA bias, dropout or nothing in front of it."""
+    if name not in module.lora_A or name in getattr(module, "lora_variant", {}):
+        return False
+    if getattr(module, "lora_bias", {}).get(name, False):
+        return False
+    if type(module.lora_A[name]) is not torch.nn.Linear or type(module.lora_B[name]) is not torch.nn.Linear:
+        return False
+    return isinstance(module.lora_dropout[name], (torch.nn.Dropout, torch.nn.Identity))
+
+
+def install_lean_lora(model: torch.nn.Module) -> int:
+    """Route every plain LoRA linear layer of a peft model through `_lora_branch`; returns how many.
+
+    Only peft's `lora.Linear` and its bitsandbytes 4-bit twin are routed (the layers raylora's presets
+    target); embeddings, convolutions, 8-bit layers and DoRA keep peft's forward. The routing is an
+    instance attribute: the module tree, parameter names and saved adapters do not change.
+    """
+    from peft.tuners.lora.layer import Linear
+
+    types_: tuple[type, ...] = (Linear,)
+    try:
+        from peft.tuners.lora.bnb import Linear4bit
+
+        types_ += (Linear4bit,)
+    except ImportError:  # peft without bitsandbytes support installed
+        pass
+    count = 0
+    for module in model.modules():
+        if type(module) in types_ and len(module.lora_A) == 1 and _plain(module, next(iter(module.lora_A))):
+            module.forward = types.MethodType(_lean_forward, module)
+            count += 1
+    return count
+
+
+def compile_layers(layers: list[torch.nn.Module], backend: str) -> None:
+    """`torch.compile` each decoder layer in place (`nn.Module.compile`), with `backend`.
+
+    The layers share their compiled code: dynamo traces the layer class once per input signature (the first
+    layer's input needs no grad, the others' do) and reuses the graph for every layer object.
+    """
+    options = None
+    if backend == "inductor" and hasattr(torch._inductor.config, "emulate_precision_casts"):
+        # Round where the eager code casts to bf16 (RMSNorm's `.to(input_dtype)`, autocast's casts), so that
+        # the fused kernels' numbers stay as close to the eager layers' as fusion allows.
+        options = {"emulate_precision_casts": True}
+    for layer in layers:
+        layer.compile(backend=backend, options=options)
+
+
+@contextlib.contextmanager
+def eager() -> Iterator[None]:
+    """Run compiled modules eagerly inside this block (evaluation): no-grad graphs are never compiled."""
+    with torch.compiler.set_stance("force_eager"):
+        yield
+
+
+def head_loss_and_grad(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    label_smoothing: float,
+    ignore_index: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy of ``hidden @ weight.T`` and its gradient w.r.t. `hidden`, written out.
+
+    The same numbers as ``F.cross_entropy(linear(hidden, weight).float(), ...)`` and its backward (fp32
+    logits, log-sum-exp, the gradient ``softmax - target distribution`` rounded to the matmul dtype before
+    the head's backward matmul), in a form `torch.compile` fuses: eager materialises the fp32 logits, their
+    log-softmax and the fp32 gradient, one [tokens, vocab] tensor each; compiled, the bf16 logits are read
+    twice and the bf16 gradient written once.
+    """
+    logits = (hidden @ weight.t()).float()
+    valid = targets != ignore_index
+    index = torch.where(valid, targets, 0).unsqueeze(1)
+    lse = torch.logsumexp(logits, dim=-1)
+    per_token = lse - logits.gather(1, index).squeeze(1)
+    if label_smoothing > 0:
+        per_token = (1.0 - label_smoothing) * per_token + label_smoothing * (lse - logits.mean(dim=-1))
+    loss = torch.where(valid, per_token, 0.0).sum()
+    grad = torch.exp(logits - lse.unsqueeze(1)) - label_smoothing / logits.size(-1)
+    grad = grad.scatter_add(1, index, torch.full_like(index, -(1.0 - label_smoothing), dtype=grad.dtype))
+    grad = torch.where(valid.unsqueeze(1), grad, 0.0).to(hidden.dtype)
+    return loss, grad @ weight
+
+
+def compiled_head_loss(backend: str):
+    """`head_loss_and_grad` compiled with `backend` (dynamic shapes: the last chunk of a batch is shorter)."""
+    return torch.compile(head_loss_and_grad, backend=backend, dynamic=True)

@@ -1,0 +1,244 @@
+"""The loop's fast path on the CPU: the lean LoRA branch against peft's own layers, compiled layers against eager.
+
+Real torch and peft on tiny Llama models; equality is bitwise where the arithmetic is the same operations.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch._dynamo.utils import counters
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from raylora.config import ConfigError, demo_config
+from raylora.fastpath import install_lean_lora
+from raylora.train import EVAL_LOSS, TRAIN_LOSS, _activation_checkpointing, train
+
+
+def _tiny_peft(dtype: torch.dtype, *, dropout: float = 0.1, targets="all-linear", **lora) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    )
+    base = LlamaForCausalLM(config).to(dtype)
+    base.requires_grad_(False)
+    model = get_peft_model(
+        base, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=targets, **lora)
+    )
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero; a non-zero B makes every gradient path non-trivial
+            torch.nn.init.normal_(param, std=0.1)
+    return model
+
+
+def _step(model: torch.nn.Module, ids: torch.Tensor, autocast: bool) -> tuple[torch.Tensor, dict]:
+    model.train()
+    torch.manual_seed(5)  # the same dropout masks for both models
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize(
+    ("dtype", "autocast"),
+    [(torch.float32, False), (torch.bfloat16, True), (torch.float32, True)],
+    ids=["fp32", "bf16-autocast", "fp32-autocast"],
+)
+def test_lean_lora_computes_exactly_what_peft_computes(dtype, autocast):
+    peft_model = _tiny_peft(dtype)
+    lean = copy.deepcopy(peft_model)
+    assert install_lean_lora(lean) == 14  # 7 linear layers x 2 decoder layers
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+
+    loss_peft, grads_peft = _step(peft_model, ids, autocast)
+    loss_lean, grads_lean = _step(lean, ids, autocast)
+
+    assert torch.equal(loss_peft, loss_lean), (loss_peft, loss_lean)
+    assert grads_peft.keys() == grads_lean.keys() and len(grads_peft) == 28
+    different = [n for n in grads_peft if not torch.equal(grads_peft[n], grads_lean[n])]
+    assert not different, different
+    assert all(g.abs().sum() > 0 for g in grads_lean.values())  # dropout and B != 0: every gradient is live
+
+
+def test_lean_lora_masks_depend_on_the_seed_and_eval_drops_nothing():
+    model = _tiny_peft(torch.float32, dropout=0.5)
+    install_lean_lora(model)
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    first, _ = _step(model, ids, autocast=False)
+    model.zero_grad()
+    torch.manual_seed(6)
+    with torch.no_grad():
+        other = model(input_ids=ids, labels=ids).loss  # other masks: another loss
+        model.eval()
+        eval_a = model(input_ids=ids, labels=ids).loss
+        eval_b = model(input_ids=ids, labels=ids).loss
+    assert not torch.equal(first, other)
+    assert torch.equal(eval_a, eval_b)  # no dropout in eval mode
+
+
+def _saved_activation_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
+    """Bytes of the tensors autograd keeps for backward, parameters left out, each storage counted once."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    model.train()
+    with (
+        torch.autocast("cpu", dtype=torch.bfloat16),
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+    ):
+        model(input_ids=ids).logits.float().sum().backward()
+    return sum(saved.values())
+
+
+def test_lean_lora_keeps_one_copy_of_each_input_for_backward():
+    peft_model = _tiny_peft(torch.bfloat16)
+    lean = copy.deepcopy(peft_model)
+    install_lean_lora(lean)
+    ids = torch.randint(0, 300, (4, 256), generator=torch.Generator().manual_seed(1))
+    peft_bytes, lean_bytes = _saved_activation_bytes(peft_model, ids), _saved_activation_bytes(lean, ids)
+    # peft keeps a mask (1 byte) and a dropped bf16 copy (2 bytes) per adapted layer; the lean branch keeps
+    # the mask and shares the input tensor (already kept once) among q, k, v and among gate, up.
+    tokens, d, ff = 4 * 256, 64, 128
+    dropped_copies = 2 * tokens * (6 * d + ff) * 2  # 2 layers, 2 bytes per element
+    assert peft_bytes - lean_bytes >= 0.8 * dropped_copies, (peft_bytes, lean_bytes, dropped_copies)
+
+
+def test_lean_lora_leaves_other_adapters_to_peft():
+    dora = _tiny_peft(torch.float32, use_dora=True)
+    assert install_lean_lora(dora) == 0
+    plain = _tiny_peft(torch.float32)
+    zeroed = copy.deepcopy(plain)
+    install_lean_lora(plain)
+    with torch.no_grad():
+        for name, param in zeroed.named_parameters():
+            if "lora_B" in name:
+                param.zero_()  # adapters that add nothing: the base model's own output
+    ids = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(1))
+    plain.eval()
+    zeroed.eval()
+    with torch.no_grad():
+        adapted = plain(input_ids=ids).logits
+        base = zeroed(input_ids=ids).logits
+        with plain.disable_adapter():  # peft's own forward takes over while adapters are disabled
+            disabled = plain(input_ids=ids).logits
+    assert not torch.allclose(adapted, base)
+    assert torch.equal(disabled, base)
+
+
+class _Losses:
+    def __init__(self) -> None:
+        self.train: list[float] = []
+        self.eval: list[float] = []
+
+    def report(self, metrics: dict[str, float], *, checkpoint_dir: str | None = None) -> None:
+        if EVAL_LOSS in metrics:
+            self.eval.append(metrics[EVAL_LOSS])
+        elif TRAIN_LOSS in metrics:
+            self.train.append(metrics[TRAIN_LOSS])
+
+
+def _run(tmp_path: Path, compile_mode: str, *, qlora: bool = False) -> _Losses:
+    config = demo_config()
+    config.adapter.dropout = 0.1
+    config.adapter.qlora = qlora
+    config.training.output_dir = str(tmp_path / compile_mode)
+    config.training.max_steps = 4
+    config.training.warmup_steps = 1
+    config.training.log_every = 1
+    config.training.eval_every = 2
+    config.training.eval_batches = 1
+    config.training.checkpoint_every = 0
+    config.training.compile = compile_mode
+    losses = _Losses()
+    train(config, reporter=losses)
+    return losses
+
+
+def test_compiled_layers_train_the_same_steps_as_eager(tmp_path):
+    counters.clear()
+    eager = _run(tmp_path, "off")
+    assert counters["stats"]["unique_graphs"] == 0
+    compiled = _run(tmp_path, "aot_eager")
+    # dynamo entered the layers: the first layer's graph (its input needs no grad), the others', and the
+    # same two again once a batch of another length made the sequence dimension dynamic; evaluation adds
+    # none (it runs the layers eagerly).
+    assert 2 <= counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    # aot_eager runs the traced graphs with eager kernels, and dropout draws from the same random stream:
+    # the same numbers, step for step, up to float reassociation.
+    assert compiled.train == pytest.approx(eager.train, rel=1e-6)
+    assert compiled.eval == pytest.approx(eager.eval, rel=1e-6)
+    assert len(eager.train) == 4 and eager.train[-1] < eager.train[0]
+
+
+def test_compiled_qlora_with_checkpointing_keeps_the_dropout_masks(tmp_path):
+    # Under checkpointing the layer's forward runs again in backward; the LoRA branch is tagged as seeded
+    # random so that the compiled recomputation sees the same masks as the first pass, as eager does.
+    eager = _run(tmp_path, "off", qlora=True)
+    compiled = _run(tmp_path, "aot_eager", qlora=True)
+    assert compiled.train == pytest.approx(eager.train, rel=1e-6)
+
+
+def test_activation_checkpointing_defaults_to_qlora_only():
+    config = demo_config()
+    assert config.training.activation_checkpointing is None
+    assert _activation_checkpointing(config) is False
+    config.adapter.qlora = True
+    assert _activation_checkpointing(config) is True
+    config.training.activation_checkpointing = False
+    assert _activation_checkpointing(config) is False
+
+
+def test_compile_mode_is_validated():
+    config = demo_config()
+    config.training.compile = "fast"
+    config.training.activation_checkpointing = "yes"
+    with pytest.raises(ConfigError) as error:
+        config.validate()
+    assert "`training.compile` must be one of auto, off, inductor, aot_eager; got 'fast'" in str(error.value)
+    assert "`training.activation_checkpointing` must be true, false or None" in str(error.value)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
+def test_written_out_head_loss_matches_the_chunked_cross_entropy(label_smoothing, autocast_dtype):
+    from raylora.fastpath import compiled_head_loss, head_loss_and_grad
+    from raylora.train import _ModelOutput, _token_loss_sum
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, 500, bias=False).requires_grad_(False)
+    hidden = torch.randn(1, 4100, 32, requires_grad=True)  # three chunks, the last one short
+    labels = torch.randint(0, 500, (1, 4100))
+    labels[0, ::7] = -100  # ignored positions
+    results = []
+    for head_loss in (None, head_loss_and_grad, compiled_head_loss("aot_eager")):
+        hidden.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_dtype is not None):
+            output = _ModelOutput(hidden * 1.0, head, autocast_dtype)
+            loss = _token_loss_sum(output, labels, label_smoothing, head_loss=head_loss)
+        (loss / 4000).backward()
+        results.append((loss.detach(), hidden.grad.clone()))
+    (loss_ref, grad_ref), *others = results
+    for loss, grad in others:
+        assert loss.item() == pytest.approx(loss_ref.item(), rel=1e-6)
+        # fp32: reassociation only; bf16: the gradient is rounded to bf16 from a differently computed softmax
+        tolerance = 1e-6 if autocast_dtype is None else 1e-4
+        assert ((grad - grad_ref).norm() / grad_ref.norm()).item() < tolerance
