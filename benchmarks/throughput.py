@@ -8,9 +8,14 @@ checkpoint and the same number of tokens per step:
   0.05), bf16 weights and `bf16=True`, SDPA, seq 2048, batch 8 (1B) or 4 (8B), labels = input ids. For QLoRA
   rows the anchor is the textbook recipe: NF4 + double quantisation, `prepare_model_for_kbit_training` (its
   default: fp32 upcast of the unquantised modules and gradient checkpointing).
-- `raylora-v0`: `raylora.train.train` with the loss on the model's full logits (the loop before issue 6:
-  `_chunkable_head` patched to return None), for the before/after.
-- `raylora`: `raylora.train.train` as it is.
+- `raylora`: `raylora.train.train` as it is (defaults: compiled decoder layers on a GPU, the lean LoRA
+  branch, the chunked head + cross-entropy; activation checkpointing under QLoRA only).
+- `raylora-eager`: the same with `training.compile="off"`, to show what compilation adds.
+- `raylora-v0`: (not run by default) the loss on the model's full logits (`_chunkable_head` patched to return
+  None), compile off.
+
+Each raylora row records how many graphs dynamo compiled (`dynamo_graphs`): 0 in a compiled row would mean
+the compiled path was never entered.
 
 raylora loads the checkpoint through its normal path (`model.name_or_path` = the local directory) and reads a
 local `text`-format jsonl of random letters, one record per row, truncated to exactly 2048 tokens by the
@@ -78,6 +83,18 @@ SHAPES = {
 }
 VOCAB = 128256
 # A CPU smoke test of the script itself (`--shapes tiny`): the 1B layout shrunk, same code path.
+SHAPES["small"] = dict(  # CPU checks of training dynamics: the 1B vocabulary and layout, narrow
+    config=dict(
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        tie_word_embeddings=True,
+    ),
+    batch=4,
+)
 SHAPES["tiny"] = dict(
     config=dict(
         hidden_size=64,
@@ -263,16 +280,18 @@ class _TimingReporter:
         self.times: dict[int, float] = {}
         self.seen: dict[int, float] = {}
         self.losses: list[float] = []
+        self.grad_norms: list[float] = []
         self.peak = math.nan
 
     def report(self, metrics, *, checkpoint_dir=None):
-        from raylora.train import EVAL_LOSS, PEAK_MEMORY_GIB, STEP, TOKENS_SEEN, TRAIN_LOSS
+        from raylora.train import EVAL_LOSS, GRAD_NORM, PEAK_MEMORY_GIB, STEP, TOKENS_SEEN, TRAIN_LOSS
 
         if TRAIN_LOSS in metrics and EVAL_LOSS not in metrics:
             step = int(metrics[STEP])
             self.times[step] = time.perf_counter()
             self.seen[step] = metrics[TOKENS_SEEN]
             self.losses.append(metrics[TRAIN_LOSS])
+            self.grad_norms.append(metrics[GRAD_NORM])
             self.peak = metrics[PEAK_MEMORY_GIB]
 
 
@@ -286,6 +305,8 @@ def run_raylora(
     steps: int,
     work: Path,
     v0: bool,
+    compile_mode: str = "auto",
+    reporter: _TimingReporter | None = None,
 ) -> dict:
     import importlib
 
@@ -310,9 +331,13 @@ def run_raylora(
             precision="bf16",
             output_dir=str(work / "raylora"),
             seed=0,
+            compile=compile_mode,
         ),
     )
-    reporter = _TimingReporter()
+    reporter = reporter or _TimingReporter()
+    from torch._dynamo.utils import counters
+
+    graphs_before = counters["stats"]["unique_graphs"]
     original = loop._chunkable_head if hasattr(loop, "_chunkable_head") else None
     if v0:
         loop._chunkable_head = lambda model: None  # the full-logits loss of the loop before issue 6
@@ -326,6 +351,7 @@ def run_raylora(
         "seconds": reporter.times[total] - reporter.times[warmup],
         "losses": reporter.losses,
         "loop_peak_gib": reporter.peak,
+        "dynamo_graphs": counters["stats"]["unique_graphs"] - graphs_before,
     }
 
 
@@ -343,7 +369,16 @@ def measure(impl: str, shape: str, targets: str, mode: str, ckpt: Path, data: Pa
             out = run_anchor(shape, targets, mode, ckpt, a.warmup, a.steps, work)
         else:
             out = run_raylora(
-                shape, targets, mode, ckpt, data, a.warmup, a.steps, work, v0=impl == "raylora-v0"
+                shape,
+                targets,
+                mode,
+                ckpt,
+                data,
+                a.warmup,
+                a.steps,
+                work,
+                v0=impl == "raylora-v0",
+                compile_mode="auto" if impl == "raylora" else "off",
             )
         flops, frozen, trainable = flops_per_token(shape, targets)
         tps = out["tokens"] / out["seconds"]
@@ -370,13 +405,13 @@ def table(rows: list[dict]) -> str:
     anchors = {(r["shape"], r["targets"], r["mode"]): r for r in rows if r["impl"] == "anchor"}
     bf16 = {(r["shape"], r["targets"], r["impl"]): r for r in rows if r["mode"] == "lora"}
     head = (
-        f"{'shape':5} {'targets':10} {'mode':5} {'impl':10} {'tok/s':>8} {'MFU':>6} {'peak GiB':>8} "
+        f"{'shape':5} {'targets':10} {'mode':5} {'impl':13} {'tok/s':>8} {'MFU':>6} {'peak GiB':>8} "
         f"{'x anchor tok/s':>14} {'x anchor mem':>12} {'x bf16 tok/s':>12} {'x bf16 mem':>10} "
         f"{'loss first->last':>17}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
-        key = f"{r['shape']:5} {r['targets']:10} {r['mode']:5} {r['impl']:10}"
+        key = f"{r['shape']:5} {r['targets']:10} {r['mode']:5} {r['impl']:13}"
         if "error" in r:
             lines.append(f"{key} {r['error']}")
             continue
@@ -402,10 +437,11 @@ def main() -> None:
     p.add_argument("--shapes", default="1b", help="comma list of 1b, 8b")
     p.add_argument("--targets", default="attention,all-linear")
     p.add_argument("--modes", default="lora,qlora")
-    p.add_argument("--impls", default="anchor,raylora-v0,raylora")
+    p.add_argument("--impls", default="anchor,raylora-eager,raylora")
     p.add_argument(
         "--seq", type=int, default=SEQ, help="sequence length (2048; smaller only for smoke tests)"
     )
+    p.add_argument("--skip", default="", help="comma list of impl/mode pairs not to run, e.g. anchor/qlora")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "raylora-bench"))
@@ -429,6 +465,8 @@ def main() -> None:
         for mode in a.modes.split(","):
             for targets in a.targets.split(","):
                 for impl in a.impls.split(","):
+                    if f"{impl}/{mode}" in a.skip.split(","):
+                        continue
                     row = measure(impl, shape, targets, mode, ckpt, data, a)
                     rows.append(row)
                     shown = {k: v for k, v in row.items() if k != "losses"}
