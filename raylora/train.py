@@ -592,6 +592,7 @@ def _lr_lambda(config: FinetuneConfig):
 
 
 @torch.no_grad()
+@eager()  # compiled layers run eagerly here: an eval (no grad, eval mode) would compile graphs of its own
 def _evaluate(
     model: torch.nn.Module,
     data: TokenizedData,
@@ -600,22 +601,7 @@ def _evaluate(
     autocast,
     pad_id: int,
 ) -> float:
-    """Mean next-token loss over the eval split (every rank its shard), without label smoothing.
-
-    Compiled layers run eagerly here: an eval (no grad, eval mode) would otherwise compile graphs of its own.
-    """
-    with eager():
-        return _evaluate_eagerly(model, data, config, workers, autocast, pad_id)
-
-
-def _evaluate_eagerly(
-    model: torch.nn.Module,
-    data: TokenizedData,
-    config: FinetuneConfig,
-    workers: _Workers,
-    autocast,
-    pad_id: int,
-) -> float:
+    """Mean next-token loss over the eval split (every rank its shard), without label smoothing."""
     model.eval()
     loss_sum, targets = 0.0, 0
     batches: Iterator[dict[str, torch.Tensor]] = eval_batches(
