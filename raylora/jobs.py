@@ -489,13 +489,7 @@ def follow_job(job_id: str, *, address: str | None = None, out=sys.stdout) -> st
             out.flush()
 
     asyncio.run(tail())
-    # The log stream closes as the job ends; the status may take a moment to settle.
-    deadline = time.monotonic() + 30
-    status = str(client.get_job_status(job_id))
-    while _status_name(status) not in TERMINAL_STATUSES and time.monotonic() < deadline:
-        time.sleep(1)
-        status = str(client.get_job_status(job_id))
-    return _status_name(status)
+    return _wait_until_ended(client, job_id, 30)  # the log closes as the job ends; the status follows
 
 
 def stop_job(job_id: str, *, address: str | None = None, wait_s: float = 30.0) -> str:
@@ -503,6 +497,11 @@ def stop_job(job_id: str, *, address: str | None = None, wait_s: float = 30.0) -
     client = connect(address)
     _job_info(client, job_id)
     client.stop_job(job_id)
+    return _wait_until_ended(client, job_id, wait_s)
+
+
+def _wait_until_ended(client, job_id: str, wait_s: float) -> str:
+    """The job's status once it has ended, or as it stands after `wait_s` seconds."""
     deadline = time.monotonic() + wait_s
     status = _status_name(str(client.get_job_status(job_id)))
     while status not in TERMINAL_STATUSES and time.monotonic() < deadline:
