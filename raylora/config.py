@@ -278,15 +278,23 @@ class TrainingConfig:
     weight_decay: float = _help("AdamW weight decay on the adapter parameters.", default=0.0)
     max_grad_norm: float = _help("Clip the global gradient norm to this; 0 turns clipping off.", default=1.0)
     label_smoothing: float = _help("Label smoothing of the cross-entropy loss, in [0, 1).", default=0.0)
-    activation_checkpointing: bool | None = _help(
-        "Recompute decoder-layer activations in the backward pass: less memory, about a third more compute. "
-        "None (default): on with QLoRA, whose point is memory, off otherwise.",
+    activation_checkpointing: bool | float | None = _help(
+        "Recompute decoder-layer activations in the backward pass: less memory, more compute (a third more "
+        "per checkpointed layer). true: every layer; a number in [0, 1]: that fraction of the layers, spread "
+        "evenly; None (default): half the layers with QLoRA, whose point is memory, none otherwise.",
         default=None,
     )
     compile: str = _help(
         "torch.compile each decoder layer: auto (inductor on a single GPU; off on the CPU, where compiling "
         "costs more than it saves, and under FSDP2), off, inductor, or aot_eager (traced, eager kernels).",
         default="auto",
+    )
+    fp8: bool = _help(
+        "Run the frozen base's linear layers in FP8 (weights stored in float8, per-tensor scales): faster "
+        "matmuls on GPUs with FP8 tensor cores (compute capability 8.9+: H100, H200, L4, B200), half the base "
+        "weight memory; the adapter trains against an fp8-rounded base. Off by default; not with QLoRA, one "
+        "worker per trial.",
+        default=False,
     )
     precision: str = _help(
         "auto (bf16 autocast on GPU, fp32 on CPU), bf16, or fp32.",
@@ -321,11 +329,18 @@ class TrainingConfig:
         _choice(problems, "training.lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _choice(problems, "training.precision", self.precision, PRECISIONS)
         _choice(problems, "training.compile", self.compile, COMPILE_MODES)
-        if self.activation_checkpointing not in (None, True, False):
+        checkpointing = self.activation_checkpointing
+        if not (
+            checkpointing is None
+            or isinstance(checkpointing, bool)
+            or (_number(checkpointing) and 0 <= checkpointing <= 1)
+        ):
             problems.append(
-                "`training.activation_checkpointing` must be true, false or None (on with QLoRA only), "
-                f"got {self.activation_checkpointing!r}"
+                "`training.activation_checkpointing` must be true, false, a fraction of the layers in [0, 1] "
+                f"or None (half the layers with QLoRA, none otherwise), got {checkpointing!r}"
             )
+        if not isinstance(self.fp8, bool):
+            problems.append(f"`training.fp8` must be true or false, got {self.fp8!r}")
         if not (_number(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1):
             problems.append(f"`training.min_lr_ratio` must be in [0, 1], got {self.min_lr_ratio!r}")
         if not (_number(self.weight_decay) and self.weight_decay >= 0):
@@ -368,6 +383,11 @@ class FinetuneConfig:
         problems: list[str] = []
         for name in _SECTIONS:
             problems.extend(getattr(self, name).problems())
+        if self.training.fp8 is True and self.adapter.qlora is True:
+            problems.append(
+                "`training.fp8` and `adapter.qlora` both quantise the frozen base (FP8 and 4-bit NF4); "
+                "turn one of them off"
+            )
         if problems:
             raise ConfigError(problems)
         return self

@@ -23,6 +23,16 @@ cheap elementwise results in backward instead of storing them. All decoder layer
 between elementwise ops where eager rounds each to bf16, so compiled and eager gradients differ at bf16's
 rounding level (0.4% in norm on Llama-1B's first step); that is noise, not a different function, but AdamW's
 first step is a sign step and shows it (see BENCHMARKS.md, loss parity).
+
+**FP8 base layers** (a switch, `training.fp8`). Most of a LoRA step is the frozen weights' two matmuls per
+linear layer: the forward product and the input gradient (no weight gradient: the base is frozen). On GPUs
+with FP8 tensor cores (Hopper and newer) those run at up to twice the bf16 rate. `Float8Linear` stores a frozen
+weight once in float8 e4m3 with one scale per tensor (half the bf16 bytes) and computes the forward product
+from the input quantised to e4m3 and the input gradient from the output gradient quantised to e5m2 (its wider
+range suits gradients), each with a per-tensor scale taken from its current maximum, all through
+`torch._scaled_mm`. This is not the same function: the base's weights and activations are rounded to 3 (e4m3)
+and 2 (e5m2) mantissa bits, so the adapter trains against an fp8-rounded base, the trade QLoRA makes with NF4.
+BENCHMARKS.md measures what it costs in loss against the bf16 anchor and what it gains in speed.
 """
 
 from __future__ import annotations
@@ -36,7 +46,15 @@ import torch
 import torch._inductor.config
 import torch.nn.functional as F
 
-__all__ = ["compile_layers", "compiled_head_loss", "eager", "head_loss_and_grad", "install_lean_lora"]
+__all__ = [
+    "Float8Linear",
+    "compile_layers",
+    "compiled_head_loss",
+    "convert_to_float8",
+    "eager",
+    "head_loss_and_grad",
+    "install_lean_lora",
+]
 
 
 # The LoRA branch is a custom operator rather than an autograd.Function so that `torch.compile` treats it as
@@ -235,3 +253,114 @@ def head_loss_and_grad(
 def compiled_head_loss(backend: str):
     """`head_loss_and_grad` compiled with `backend` (dynamic shapes: the last chunk of a batch is shorter)."""
     return torch.compile(head_loss_and_grad, backend=backend, dynamic=True)
+
+
+# ---- FP8 base layers ----------------------------------------------------------------------------------
+
+E4M3 = torch.float8_e4m3fn  # weights and inputs: more mantissa
+E5M2 = torch.float8_e5m2  # output gradients: more range
+
+
+def _quantize(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """`t` scaled so that its largest magnitude is fp8's largest value, cast; and the scale back (fp32).
+
+    The clamp matters: a cast to float8_e4m3fn turns values past its maximum into NaN, not into the maximum,
+    and fp32 rounding of ``t * scale`` can land a hair above it.
+    """
+    top = torch.finfo(dtype).max
+    amax = t.abs().amax().float().clamp(min=1e-12)
+    scale = top / amax
+    return (t.float() * scale).clamp(-top, top).to(dtype), scale.reciprocal()
+
+
+class _Float8Matmul(torch.autograd.Function):
+    """``x @ weight.T`` from fp8 operands, forward and input gradient; the frozen weight gets no gradient.
+
+    Nothing of x is saved for backward: the input gradient needs only the weight, which is already fp8.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, weight_scale, out_dtype):  # type: ignore[override]
+        x2 = x.reshape(-1, x.size(-1))
+        x_fp8, x_scale = _quantize(x2, E4M3)
+        # _scaled_mm wants its second operand column-major: weight.t() of a row-major [out, in] weight is.
+        out = torch._scaled_mm(x_fp8, weight.t(), scale_a=x_scale, scale_b=weight_scale, out_dtype=out_dtype)
+        ctx.save_for_backward(weight, weight_scale)
+        ctx.x_dtype = x.dtype
+        return out.reshape(*x.shape[:-1], weight.size(0))
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        weight, weight_scale = ctx.saved_tensors
+        grad2 = grad_out.reshape(-1, grad_out.size(-1))
+        grad_fp8, grad_scale = _quantize(grad2, E5M2)
+        # grad [M, out] @ weight [out, in], the weight column-major: a transposed copy, one layer at a time
+        # (the same bytes as the weight, freed after this product).
+        weight_cm = weight.t().contiguous().t()
+        grad_x = torch._scaled_mm(
+            grad_fp8, weight_cm, scale_a=grad_scale, scale_b=weight_scale, out_dtype=ctx.x_dtype
+        )
+        return grad_x.reshape(*grad_out.shape[:-1], weight.size(1)), None, None, None
+
+
+class Float8Linear(torch.nn.Module):
+    """A frozen `nn.Linear` whose weight is stored in float8 e4m3 and whose matmuls run in FP8.
+
+    `weight` keeps its name (state-dict paths do not change) but holds fp8 values; ``weight * weight_scale``
+    is the bf16 weight to within e4m3 rounding. The output has autocast's dtype under autocast, else the
+    input's.
+    """
+
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self.register_buffer("weight_scale", weight_scale)
+        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: torch.nn.Linear) -> Float8Linear:
+        weight, scale = _quantize(linear.weight.detach(), E4M3)
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls(weight.contiguous(), scale, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        with torch.autocast(device, enabled=False):
+            out = _Float8Matmul.apply(x, self.weight, self.weight_scale, dtype)
+            if self.bias is not None:
+                out = out + self.bias.to(dtype)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weight=float8_e4m3fn"
+
+
+def float8_ready(linear: torch.nn.Module) -> bool:
+    """A frozen plain `nn.Linear` whose shape `torch._scaled_mm` takes (both sides multiples of 16)."""
+    return (
+        type(linear) is torch.nn.Linear
+        and not linear.weight.requires_grad
+        and linear.in_features % 16 == 0
+        and linear.out_features % 16 == 0
+    )
+
+
+def convert_to_float8(layers: list[torch.nn.Module]) -> int:
+    """Replace every frozen linear layer inside `layers` (the decoder layers) with a `Float8Linear`.
+
+    Both kinds are converted: plain linears (those no adapter targets) and the `base_layer` under each of
+    peft's LoRA layers, whose adapters stay as they are, in their own dtype. Call it after the adapters are
+    applied (peft wraps only `nn.Linear`). The output head and embeddings are outside `layers` and stay as
+    they are. Returns how many layers were converted; each bf16 weight is freed as its fp8 copy is made.
+    """
+    count = 0
+    for layer in layers:
+        for parent in list(layer.modules()):
+            for name, child in list(parent.named_children()):
+                if float8_ready(child):
+                    setattr(parent, name, Float8Linear.from_linear(child))
+                    count += 1
+    return count

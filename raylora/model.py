@@ -521,7 +521,7 @@ def _modules_to_save_problem(model: torch.nn.Module, names: list[str]) -> str | 
 
 
 def apply_lora(
-    model: PreTrainedModel, adapter: AdapterConfig, *, activation_checkpointing: bool = False
+    model: PreTrainedModel, adapter: AdapterConfig, *, activation_checkpointing: bool | float = False
 ) -> tuple[PeftModel, list[str]]:
     """Wrap the resolved target modules of the frozen `model` with LoRA (or DoRA) adapters.
 
@@ -534,7 +534,8 @@ def apply_lora(
         adapter: the adapter section of the config; `peft_kwargs` go to `peft.LoraConfig` unchanged.
         activation_checkpointing: recompute decoder-layer activations in the backward pass (non-reentrant
             `torch.utils.checkpoint`), with the embedding output made to require grad so that gradients
-            reach the adapters through checkpointed layers behind a frozen embedding.
+            reach the adapters through checkpointed layers behind a frozen embedding. True checkpoints
+            every decoder layer; a number in [0, 1] that fraction of them, spread evenly.
 
     Returns:
         The peft model and the sorted full paths of the wrapped modules (for the logs).
@@ -552,7 +553,7 @@ def apply_lora(
         if problem:
             raise ConfigError(problem)
     if activation_checkpointing:
-        _enable_activation_checkpointing(model)
+        _enable_activation_checkpointing(model, float(activation_checkpointing))
     peft_kwargs = dict(adapter.peft_kwargs)
     layers = _linear_layers(model, include_head=True)
     if any(isinstance(layers[path], Conv1D) for path in targets):
@@ -572,18 +573,31 @@ def apply_lora(
     return get_peft_model(model, lora_config), targets
 
 
-def _enable_activation_checkpointing(model: PreTrainedModel) -> None:
+def _enable_activation_checkpointing(model: PreTrainedModel, fraction: float = 1.0) -> None:
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns there
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if fraction < 1.0:
+        # transformers checkpoints every layer whose `gradient_checkpointing` flag is set (its decoder layers
+        # check the flag on each call); keep it on for every 1/fraction-th layer, spread evenly.
+        layers = [m for m in model.modules() if _checkpointing_layer(m)]
+        for index, layer in enumerate(layers):
+            layer.gradient_checkpointing = math.floor((index + 1) * fraction) > math.floor(index * fraction)
     # Newer transformers register the hook itself; registering it twice would leave a stale hook behind.
     if (
         not getattr(model, "_require_grads_hooks", None)
         and getattr(model, "_require_grads_hook", None) is None
     ):
         model.enable_input_require_grads()
+
+
+def _checkpointing_layer(module: torch.nn.Module) -> bool:
+    """A decoder layer that transformers checkpoints on its own flag (transformers >= 4.52)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return isinstance(module, GradientCheckpointingLayer)
 
 
 # --------------------------------------------------------------------------------------------------------

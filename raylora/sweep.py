@@ -248,6 +248,12 @@ class Sweep:
             self.base.validate()
         except ConfigError as error:
             problems.extend(f"base config: {p}" for p in error.problems)
+        workers = self.resources.workers
+        if self.base.training.fp8 is True and isinstance(workers, int) and workers > 1:
+            problems.append(
+                f"`training.fp8` runs a trial on one worker, but `resources.workers` is {workers}; "
+                "set `resources.workers=1` or turn `training.fp8` off"
+            )
         if self.scheduler == "asha" and isinstance(self.grace_period, int):
             steps = self.base.training.max_steps
             if isinstance(steps, int) and self.grace_period > steps:

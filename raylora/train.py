@@ -44,7 +44,13 @@ from torch.distributed.checkpoint.state_dict import (
 
 from raylora.config import ConfigError, FinetuneConfig
 from raylora.data import TokenizedData, eval_batches, iterate_batches, load_data
-from raylora.fastpath import compile_layers, compiled_head_loss, eager, install_lean_lora
+from raylora.fastpath import (
+    compile_layers,
+    compiled_head_loss,
+    convert_to_float8,
+    eager,
+    install_lean_lora,
+)
 from raylora.model import (
     ParameterCount,
     apply_lora,
@@ -222,6 +228,9 @@ def train(
     # The same arithmetic as peft's LoRA layers, keeping each adapted layer's input once instead of a
     # dropped copy per layer (raylora.fastpath says how much that saves).
     install_lean_lora(model)
+    if cfg_train.fp8:
+        _check_fp8(workers)
+        convert_to_float8(_decoder_layers(model))
     parameters = count_parameters(model)
     model.to(workers.device)  # LoRA weights are created on the CPU; the base already sits on the device
     if workers.world_size > 1:
@@ -229,6 +238,11 @@ def train(
     backend = _compile_backend(cfg_train.compile, workers)
     head_loss = None  # the chunked loss's eager path
     if backend is not None:
+        # A fresh start for dynamo in every run: trials that a reused Ray actor runs one after another would
+        # otherwise pile their graphs onto the same layer code until dynamo's recompile limit (8), past
+        # which it silently runs the layers eagerly. Inductor's on-disk cache keeps recompiling a graph it
+        # has seen cheap.
+        torch._dynamo.reset()
         compile_layers(_decoder_layers(model), backend)
         head_loss = compiled_head_loss(backend)
 
@@ -353,15 +367,40 @@ def train(
     return TrainResult(step, eval_loss, str(adapter_dir), target_modules, parameters, final)
 
 
-def _activation_checkpointing(config: FinetuneConfig) -> bool:
-    """`training.activation_checkpointing`, with None resolved: on with QLoRA, off otherwise.
+QLORA_CHECKPOINTED_FRACTION = 0.5
 
-    QLoRA is chosen to save memory, and the 4-bit weights save little of it on their own: on Llama shapes at
-    2048 tokens a row the activations are most of a step's memory (1B x 8 rows: 5.4 GiB peak with
-    checkpointing against about 20 GiB without, at 0.74x the tokens/s of bf16 LoRA, on an H200).
+
+def _activation_checkpointing(config: FinetuneConfig) -> float:
+    """`training.activation_checkpointing` as the fraction of decoder layers to checkpoint.
+
+    None resolves to half the layers with QLoRA, none otherwise. QLoRA is chosen to save memory, and the
+    4-bit weights save little of it on their own: on Llama shapes at 2048 tokens a row the activations are
+    most of a step's memory. Every layer checkpointed costs a third more compute (QLoRA at 0.59-0.68x of bf16
+    LoRA's tokens/s on an H200, at 0.21-0.23x of its memory); half of them trades some of that memory margin
+    back for speed (BENCHMARKS.md has both).
     """
     checkpointing = config.training.activation_checkpointing
-    return config.adapter.qlora if checkpointing is None else bool(checkpointing)
+    if checkpointing is None:
+        return QLORA_CHECKPOINTED_FRACTION if config.adapter.qlora else 0.0
+    return float(checkpointing)
+
+
+def _check_fp8(workers: _Workers) -> None:
+    """`training.fp8` needs one worker (FSDP2 does not shard fp8 and bf16 weights as one unit) and, on a GPU,
+    FP8 tensor cores. The CPU runs it too (slowly: it checks the arithmetic, it is not a speed-up there)."""
+    if workers.world_size > 1:
+        raise ConfigError(
+            f"`training.fp8` runs on one worker, but this trial has {workers.world_size}; "
+            "set `resources.workers=1` or turn `training.fp8` off"
+        )
+    if workers.device.type == "cuda":
+        capability = torch.cuda.get_device_capability(workers.device)
+        if capability < (8, 9):
+            raise ConfigError(
+                f"`training.fp8` needs a GPU with FP8 tensor cores (compute capability 8.9 or newer: H100, "
+                f"H200, L4, B200); {torch.cuda.get_device_name(workers.device)} has "
+                f"{capability[0]}.{capability[1]}; turn `training.fp8` off"
+            )
 
 
 def _compile_backend(mode: str, workers: _Workers) -> str | None:

@@ -388,6 +388,21 @@ def test_activation_checkpointing_still_reaches_every_adapter(checkpoints):
     assert all(p.grad.abs().sum() > 0 for n, p in trainable.items() if "lora_B" in n)
 
 
+def test_checkpointing_a_fraction_of_the_layers_spreads_them_evenly(checkpoints):
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    for fraction, expected in ((0.5, [False, True]), (1.0, [True, True]), (0.4, [False, False])):
+        base = load_base_model(_model(checkpoints["llama"]), qlora=False)
+        model, _ = apply_lora(
+            base, AdapterConfig(r=4, target_modules="all-linear"), activation_checkpointing=fraction
+        )
+        layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        assert [layer.gradient_checkpointing for layer in layers] == expected, fraction
+        # Checkpointed or not, every adapter gets its gradient.
+        _backward(model)
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
 # --------------------------------------------------------------------------------------------------------
 # Bad input
 

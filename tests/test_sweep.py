@@ -236,6 +236,16 @@ def test_bad_search_spaces_are_refused_before_any_trial(space, extra, message):
         sweep.validate(against_model=True)
 
 
+def test_fp8_on_several_workers_is_refused_before_any_trial():
+    base = _small_base()
+    base.training.fp8 = True
+    sweep = Sweep(name="fp8", base=base, search_space={"adapter.r": 8}, resources=Resources(workers=2))
+    with pytest.raises(
+        ConfigError, match=r"`training.fp8` runs a trial on one worker, but `resources.workers` is 2"
+    ):
+        sweep.validate()
+
+
 def test_resources_the_cluster_cannot_satisfy_are_refused(tmp_path):
     sweep = Sweep(
         name="too-big",
