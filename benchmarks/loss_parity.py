@@ -18,6 +18,10 @@ Runs, each a fresh model:
   input, so the masks need not be the same bits; the reference for the difference is `anchor p=0.05 seed 1`,
   the anchor with other dropout masks only. Tolerance: raylora's largest per-step distance from the anchor
   at most 1.5x the anchor's own distance between its two mask seeds, plus 0.02 nats.
+- `raylora-fp8 p=0` (with `--fp8`): `training.fp8=True`, the frozen base's linear layers in FP8. That is another
+  function (weights and activations rounded to e4m3, gradients to e5m2), so the bf16 tolerance does not
+  apply. Its tolerance, stated before the first run: every step within 1% of the anchor's loss, and the
+  curve's fall over the run (first step's loss minus the last's) within 2% of the anchor's fall.
 """
 
 from __future__ import annotations
@@ -40,7 +44,14 @@ LR = 2e-4
 
 
 def raylora_config(
-    ckpt: Path, data: Path, steps: int, batch: int, dropout: float, work: Path, compile_mode: str
+    ckpt: Path,
+    data: Path,
+    steps: int,
+    batch: int,
+    dropout: float,
+    work: Path,
+    compile_mode: str,
+    fp8: bool = False,
 ):
     from raylora.config import AdapterConfig, DataConfig, FinetuneConfig, ModelConfig, TrainingConfig
 
@@ -64,6 +75,7 @@ def raylora_config(
             output_dir=str(work),
             seed=0,
             compile=compile_mode,
+            fp8=fp8,
         ),
     )
 
@@ -178,6 +190,7 @@ def main() -> None:
     p.add_argument("--only-p0", action="store_true", help="only the two runs without dropout")
     p.add_argument("--runs", default=None, help="comma list of run names (default: the five above)")
     p.add_argument("--lr", type=float, default=LR)
+    p.add_argument("--fp8", action="store_true", help="also run raylora with training.fp8 (no dropout)")
     a = p.parse_args()
     LR = a.lr
     tp.SEQ = a.seq
@@ -192,15 +205,20 @@ def main() -> None:
     runs += [("anchor p=0.05", 0.05, 0), ("anchor p=0.05 seed 1", 0.05, 1), ("raylora p=0.05", 0.05, 0)]
     runs += [("raylora-eager p=0", 0.0, 0)]  # compile off: not run by default
     wanted = a.runs.split(",") if a.runs else [name for name, _, _ in runs[:5]]
+    runs += [("raylora-fp8 p=0", 0.0, 0)]
     if a.only_p0:
         wanted = ["anchor p=0", "raylora p=0"]
+    if a.fp8:
+        wanted.append("raylora-fp8 p=0")
     norms: dict[str, list[float]] = {}
     for name, dropout, mask_seed in runs:
         if name not in wanted:
             continue
         work = Path(tempfile.mkdtemp(dir=root))
         compile_mode = "off" if name.startswith("raylora-eager") else a.compile
-        config = raylora_config(ckpt, data, a.steps, batch, dropout, work, compile_mode)
+        config = raylora_config(
+            ckpt, data, a.steps, batch, dropout, work, compile_mode, fp8=name.startswith("raylora-fp8")
+        )
         started = time.perf_counter()
         if name.startswith("anchor"):
             batches, init = raylora_batches_and_init(config)
@@ -221,6 +239,16 @@ def main() -> None:
     tp.log("\nstep " + " ".join(f"{n:>21}" for n in curves))
     for i in range(a.steps):
         tp.log(f"{i + 1:4d} " + " ".join(f"{curves[n][i]:21.4f}" for n in curves))
+    if {"anchor p=0", "raylora-fp8 p=0"} <= set(curves):
+        anchor, fp8 = curves["anchor p=0"], curves["raylora-fp8 p=0"]
+        relative = [abs(u - v) / v for u, v in zip(fp8, anchor, strict=True)]
+        fall, fall_fp8 = anchor[0] - anchor[-1], fp8[0] - fp8[-1]
+        ok = max(relative) <= 0.01 and abs(fall_fp8 - fall) <= 0.02 * abs(fall)
+        tp.log(
+            f"fp8 p=0: max |raylora-fp8 - anchor| {max(gap('anchor p=0', 'raylora-fp8 p=0')):.4f} nats, "
+            f"{100 * max(relative):.2f}% of the anchor's loss (tolerance 1%); fall {fall_fp8:.4f} against "
+            f"the anchor's {fall:.4f} (tolerance 2%): {'PASS' if ok else 'FAIL'}"
+        )
     if not {"anchor p=0", "raylora p=0"} <= set(curves):
         return
     exact = gap("anchor p=0", "raylora p=0")

@@ -13,6 +13,10 @@ checkpoint and the same number of tokens per step:
 - `raylora-eager`: the same with `training.compile="off"`, to show what compilation adds.
 - `raylora-v0`: (not run by default) the loss on the model's full logits (`_chunkable_head` patched to return
   None), compile off.
+- `raylora-fp8`: the defaults plus `training.fp8=True` (the frozen base's linear layers in FP8); bf16 LoRA
+  rows only (FP8 and QLoRA exclude each other).
+- `raylora-ckpt-all`: the defaults with `training.activation_checkpointing=True` (every layer; the QLoRA
+  default checkpoints half of them), to show what that costs and saves.
 
 Each raylora row records how many graphs dynamo compiled (`dynamo_graphs`): 0 in a compiled row would mean
 the compiled path was never entered.
@@ -307,6 +311,7 @@ def run_raylora(
     v0: bool,
     compile_mode: str = "auto",
     reporter: _TimingReporter | None = None,
+    **training: object,
 ) -> dict:
     import importlib
 
@@ -332,6 +337,7 @@ def run_raylora(
             output_dir=str(work / "raylora"),
             seed=0,
             compile=compile_mode,
+            **training,
         ),
     )
     reporter = reporter or _TimingReporter()
@@ -355,6 +361,16 @@ def run_raylora(
     }
 
 
+# What each raylora impl changes from the loop's defaults (run_raylora's keyword arguments).
+RAYLORA_IMPLS: dict[str, dict] = {
+    "raylora": dict(v0=False),
+    "raylora-eager": dict(v0=False, compile_mode="off"),
+    "raylora-v0": dict(v0=True, compile_mode="off"),
+    "raylora-fp8": dict(v0=False, fp8=True),
+    "raylora-ckpt-all": dict(v0=False, activation_checkpointing=True),
+}
+
+
 def measure(impl: str, shape: str, targets: str, mode: str, ckpt: Path, data: Path, a) -> dict:
     work = Path(tempfile.mkdtemp(prefix=f"{impl}-", dir=a.workdir))
     gc.collect()
@@ -369,16 +385,7 @@ def measure(impl: str, shape: str, targets: str, mode: str, ckpt: Path, data: Pa
             out = run_anchor(shape, targets, mode, ckpt, a.warmup, a.steps, work)
         else:
             out = run_raylora(
-                shape,
-                targets,
-                mode,
-                ckpt,
-                data,
-                a.warmup,
-                a.steps,
-                work,
-                v0=impl == "raylora-v0",
-                compile_mode="auto" if impl == "raylora" else "off",
+                shape, targets, mode, ckpt, data, a.warmup, a.steps, work, **RAYLORA_IMPLS[impl]
             )
         flops, frozen, trainable = flops_per_token(shape, targets)
         tps = out["tokens"] / out["seconds"]
@@ -405,13 +412,13 @@ def table(rows: list[dict]) -> str:
     anchors = {(r["shape"], r["targets"], r["mode"]): r for r in rows if r["impl"] == "anchor"}
     bf16 = {(r["shape"], r["targets"], r["impl"]): r for r in rows if r["mode"] == "lora"}
     head = (
-        f"{'shape':5} {'targets':10} {'mode':5} {'impl':13} {'tok/s':>8} {'MFU':>6} {'peak GiB':>8} "
+        f"{'shape':5} {'targets':10} {'mode':5} {'impl':16} {'tok/s':>8} {'MFU':>6} {'peak GiB':>8} "
         f"{'x anchor tok/s':>14} {'x anchor mem':>12} {'x bf16 tok/s':>12} {'x bf16 mem':>10} "
         f"{'loss first->last':>17}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
-        key = f"{r['shape']:5} {r['targets']:10} {r['mode']:5} {r['impl']:13}"
+        key = f"{r['shape']:5} {r['targets']:10} {r['mode']:5} {r['impl']:16}"
         if "error" in r:
             lines.append(f"{key} {r['error']}")
             continue
@@ -465,7 +472,7 @@ def main() -> None:
         for mode in a.modes.split(","):
             for targets in a.targets.split(","):
                 for impl in a.impls.split(","):
-                    if f"{impl}/{mode}" in a.skip.split(","):
+                    if f"{impl}/{mode}" in a.skip.split(",") or (impl, mode) == ("raylora-fp8", "qlora"):
                         continue
                     row = measure(impl, shape, targets, mode, ckpt, data, a)
                     rows.append(row)
