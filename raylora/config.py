@@ -281,7 +281,8 @@ class TrainingConfig:
     activation_checkpointing: bool | float | None = _help(
         "Recompute decoder-layer activations in the backward pass: less memory, more compute (a third more "
         "per checkpointed layer). true: every layer; a number in [0, 1]: that fraction of the layers, spread "
-        "evenly; None (default): half the layers with QLoRA, whose point is memory, none otherwise.",
+        "evenly (on an H200, 0.5 gave QLoRA 1.14-1.19x the tokens/s for 2.3-2.7x the memory); None (default): "
+        "every layer with QLoRA, whose point is memory, none otherwise.",
         default=None,
     )
     compile: str = _help(
@@ -337,7 +338,7 @@ class TrainingConfig:
         ):
             problems.append(
                 "`training.activation_checkpointing` must be true, false, a fraction of the layers in [0, 1] "
-                f"or None (half the layers with QLoRA, none otherwise), got {checkpointing!r}"
+                f"or None (every layer with QLoRA, none otherwise), got {checkpointing!r}"
             )
         if not isinstance(self.fp8, bool):
             problems.append(f"`training.fp8` must be true or false, got {self.fp8!r}")

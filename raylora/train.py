@@ -367,21 +367,19 @@ def train(
     return TrainResult(step, eval_loss, str(adapter_dir), target_modules, parameters, final)
 
 
-QLORA_CHECKPOINTED_FRACTION = 0.5
-
-
 def _activation_checkpointing(config: FinetuneConfig) -> float:
     """`training.activation_checkpointing` as the fraction of decoder layers to checkpoint.
 
-    None resolves to half the layers with QLoRA, none otherwise. QLoRA is chosen to save memory, and the
-    4-bit weights save little of it on their own: on Llama shapes at 2048 tokens a row the activations are
-    most of a step's memory. Every layer checkpointed costs a third more compute (QLoRA at 0.59-0.68x of bf16
-    LoRA's tokens/s on an H200, at 0.21-0.23x of its memory); half of them trades some of that memory margin
-    back for speed (BENCHMARKS.md has both).
+    None resolves to every layer with QLoRA, none otherwise. QLoRA is chosen to save memory, and the 4-bit
+    weights save little of it on their own: on Llama shapes at 2048 tokens a row the activations are most of
+    a step's memory. Checkpointing every layer costs a third more compute; on an H200 QLoRA so runs at
+    0.67-0.70x of bf16 LoRA's tokens/s in 0.21-0.23x of its memory. Half the layers gives 0.79-0.83x at
+    0.50-0.61x, more memory than the textbook QLoRA recipe on the 8B shape (BENCHMARKS.md has both); a user
+    who has the memory sets the fraction.
     """
     checkpointing = config.training.activation_checkpointing
     if checkpointing is None:
-        return QLORA_CHECKPOINTED_FRACTION if config.adapter.qlora else 0.0
+        return 1.0 if config.adapter.qlora else 0.0
     return float(checkpointing)
 
 

@@ -197,12 +197,12 @@ def test_compiled_qlora_with_checkpointing_keeps_the_dropout_masks(tmp_path):
     assert compiled.train == pytest.approx(eager.train, rel=1e-6)
 
 
-def test_activation_checkpointing_defaults_to_half_the_layers_with_qlora_only():
+def test_activation_checkpointing_defaults_to_every_layer_with_qlora_only():
     config = demo_config()
     assert config.training.activation_checkpointing is None
     assert _activation_checkpointing(config) == 0.0
     config.adapter.qlora = True
-    assert _activation_checkpointing(config) == 0.5
+    assert _activation_checkpointing(config) == 1.0
     config.training.activation_checkpointing = True
     assert _activation_checkpointing(config) == 1.0
     config.training.activation_checkpointing = False
@@ -223,7 +223,7 @@ def test_compile_checkpointing_and_fp8_fields_are_validated(checkpointing):
     assert "`training.compile` must be one of auto, off, inductor, aot_eager; got 'fast'" in message
     assert (
         "`training.activation_checkpointing` must be true, false, a fraction of the layers in [0, 1] or None"
-        f" (half the layers with QLoRA, none otherwise), got {checkpointing!r}"
+        f" (every layer with QLoRA, none otherwise), got {checkpointing!r}"
     ) in message
     assert "`training.fp8` must be true or false, got 'on'" in message
 
