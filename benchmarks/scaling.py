@@ -5,7 +5,8 @@ For each worker count N, one sweep of one trial runs through `run_sweep` with `R
 gpus_per_worker=1)`, at equal global batch (per-worker batch = global / N), on the random-init Llama shape
 and random-letter data of benchmarks/throughput.py. Printed per N: tokens/s in all and per GPU (steps after
 the warm-up), scaling efficiency (tokens/s per GPU against 1 GPU), peak memory per GPU (the max over
-workers) and the train loss at every step; then the largest loss gap against N=1.
+workers) and the train loss at every step; then the largest loss gap against N=1. `--modes lora,qlora` runs
+the same worker counts again with a 4-bit (QLoRA) base.
 """
 
 from __future__ import annotations
@@ -31,7 +32,15 @@ import throughput as tp  # noqa: E402  (the shapes, checkpoint and data of the t
 
 
 def run(
-    workers: int, ckpt: Path, data: Path, global_batch: int, steps: int, warmup: int, work: Path, gpus: int
+    workers: int,
+    ckpt: Path,
+    data: Path,
+    global_batch: int,
+    steps: int,
+    warmup: int,
+    work: Path,
+    gpus: int,
+    qlora: bool = False,
 ) -> dict:
     from ray import tune
 
@@ -42,7 +51,7 @@ def run(
     config = FinetuneConfig(
         model=ModelConfig(name_or_path=str(ckpt), dtype="bfloat16", attn_implementation="sdpa"),
         data=DataConfig(path=str(data), format="text", max_length=tp.SEQ, packing=False, eval_fraction=0.05),
-        adapter=AdapterConfig(r=16, alpha=32.0, dropout=0.0, target_modules="all-linear"),
+        adapter=AdapterConfig(r=16, alpha=32.0, dropout=0.0, target_modules="all-linear", qlora=qlora),
         training=TrainingConfig(
             learning_rate=2e-4,
             max_steps=steps,
@@ -57,7 +66,7 @@ def run(
         ),
     )
     sweep = Sweep(
-        name=f"scaling-{workers}gpu",
+        name=f"scaling-{'qlora' if qlora else 'lora'}-{workers}gpu",
         base=config,
         search_space={"adapter.r": tune.grid_search([16])},
         search_alg="grid",
@@ -80,6 +89,7 @@ def run(
     timed = [h for h in history if h["step"] > warmup and "tokens_per_sec" in h]
     tokens_per_sec = sum(h["tokens_per_sec"] for h in timed) / len(timed)
     return {
+        "mode": "qlora" if qlora else "lora",
         "workers": workers,
         "tokens_per_sec": tokens_per_sec,
         "per_gpu": tokens_per_sec / workers,
@@ -97,6 +107,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of tokens/s")
     parser.add_argument("--global-batch", type=int, default=8)
     parser.add_argument("--gpus-per-worker", type=int, default=1, help="0: a CPU (gloo) smoke run")
+    parser.add_argument("--modes", default="lora", help="comma list of lora, qlora")
     parser.add_argument("--out", default=None, help="also write the rows as JSON lines here")
     args = parser.parse_args()
 
@@ -107,17 +118,34 @@ def main() -> None:
     ckpt = tp.build_checkpoint(args.shape, work)
     data = tp.write_data(work, records=args.global_batch * (args.steps + 4) * 2)
     ray.init(num_gpus=torch.cuda.device_count(), include_dashboard=False, log_to_driver=False)
-    rows = []
-    for workers in [int(w) for w in args.workers.split(",")]:
-        row = run(workers, ckpt, data, args.global_batch, args.steps, args.warmup, work, args.gpus_per_worker)
-        rows.append(row)
-        tp.log(json.dumps(row))
-        if args.out:
-            with open(args.out, "a") as handle:
-                handle.write(json.dumps({"shape": args.shape, **row}) + "\n")
+    for mode in args.modes.split(","):
+        rows = []
+        for workers in [int(w) for w in args.workers.split(",")]:
+            row = run(
+                workers,
+                ckpt,
+                data,
+                args.global_batch,
+                args.steps,
+                args.warmup,
+                work,
+                args.gpus_per_worker,
+                qlora=mode == "qlora",
+            )
+            rows.append(row)
+            tp.log(json.dumps(row))
+            if args.out:
+                with open(args.out, "a") as handle:
+                    handle.write(json.dumps({"shape": args.shape, **row}) + "\n")
+        table(args, mode, rows)
+
+
+def table(args: argparse.Namespace, mode: str, rows: list[dict]) -> None:
     base = rows[0]
+    first, last = base["losses"][min(base["losses"])], base["losses"][max(base["losses"])]
     tp.log(
-        f"\n{args.shape}, LoRA r=16 all-linear, seq {tp.SEQ}, global batch {args.global_batch}, {args.steps} steps"
+        f"\n{args.shape} {mode}, r=16 all-linear, seq {tp.SEQ}, global batch {args.global_batch}, "
+        f"{args.steps} steps; loss at {base['workers']} GPU {first:.3f} -> {last:.3f}"
     )
     tp.log(
         "| GPUs | tokens/s | tokens/s per GPU | scaling efficiency | peak GiB per GPU | max loss gap vs 1 GPU |"

@@ -15,8 +15,9 @@ checkpoint and the same number of tokens per step:
   None), compile off.
 - `raylora-fp8`: the defaults plus `training.fp8=True` (the frozen base's linear layers in FP8); bf16 LoRA
   rows only (FP8 and QLoRA exclude each other).
-- `raylora-ckpt-all`: the defaults with `training.activation_checkpointing=True` (every layer; the QLoRA
-  default checkpoints half of them), to show what that costs and saves.
+- `raylora-ckpt-all`, `raylora-ckpt-F` (F a fraction, e.g. `raylora-ckpt-0.75`): the defaults with
+  `training.activation_checkpointing` set to True (every layer) or F, to show what checkpointing costs and
+  saves against the QLoRA default.
 
 Each raylora row records how many graphs dynamo compiled (`dynamo_graphs`): 0 in a compiled row would mean
 the compiled path was never entered.
@@ -371,6 +372,12 @@ RAYLORA_IMPLS: dict[str, dict] = {
 }
 
 
+def raylora_impl(impl: str) -> dict:
+    if impl.startswith("raylora-ckpt-") and impl != "raylora-ckpt-all":
+        return dict(v0=False, activation_checkpointing=float(impl.removeprefix("raylora-ckpt-")))
+    return RAYLORA_IMPLS[impl]
+
+
 def measure(impl: str, shape: str, targets: str, mode: str, ckpt: Path, data: Path, a) -> dict:
     work = Path(tempfile.mkdtemp(prefix=f"{impl}-", dir=a.workdir))
     gc.collect()
@@ -384,9 +391,7 @@ def measure(impl: str, shape: str, targets: str, mode: str, ckpt: Path, data: Pa
         if impl == "anchor":
             out = run_anchor(shape, targets, mode, ckpt, a.warmup, a.steps, work)
         else:
-            out = run_raylora(
-                shape, targets, mode, ckpt, data, a.warmup, a.steps, work, **RAYLORA_IMPLS[impl]
-            )
+            out = run_raylora(shape, targets, mode, ckpt, data, a.warmup, a.steps, work, **raylora_impl(impl))
         flops, frozen, trainable = flops_per_token(shape, targets)
         tps = out["tokens"] / out["seconds"]
         row.update(
