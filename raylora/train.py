@@ -384,8 +384,9 @@ def _activation_checkpointing(config: FinetuneConfig) -> float:
 
 
 def _check_fp8(workers: _Workers) -> None:
-    """`training.fp8` needs one worker (FSDP2 does not shard fp8 and bf16 weights as one unit) and, on a GPU,
-    FP8 tensor cores. The CPU runs it too (slowly: it checks the arithmetic, it is not a speed-up there)."""
+    """`training.fp8` needs one worker (sharding the fp8 weights with FSDP2 is neither built nor tested) and,
+    on a GPU, FP8 tensor cores. The CPU runs it too (slowly: it checks the arithmetic, it is not a speed-up
+    there)."""
     if workers.world_size > 1:
         raise ConfigError(
             f"`training.fp8` runs on one worker, but this trial has {workers.world_size}; "
