@@ -309,7 +309,7 @@ def run_raylora(
     warmup: int,
     steps: int,
     work: Path,
-    v0: bool,
+    v0: bool = False,
     compile_mode: str = "auto",
     reporter: _TimingReporter | None = None,
     **training: object,
@@ -364,17 +364,17 @@ def run_raylora(
 
 # What each raylora impl changes from the loop's defaults (run_raylora's keyword arguments).
 RAYLORA_IMPLS: dict[str, dict] = {
-    "raylora": dict(v0=False),
-    "raylora-eager": dict(v0=False, compile_mode="off"),
+    "raylora": {},
+    "raylora-eager": dict(compile_mode="off"),
     "raylora-v0": dict(v0=True, compile_mode="off"),
-    "raylora-fp8": dict(v0=False, fp8=True),
-    "raylora-ckpt-all": dict(v0=False, activation_checkpointing=True),
+    "raylora-fp8": dict(fp8=True),
+    "raylora-ckpt-all": dict(activation_checkpointing=True),
 }
 
 
 def raylora_impl(impl: str) -> dict:
     if impl.startswith("raylora-ckpt-") and impl != "raylora-ckpt-all":
-        return dict(v0=False, activation_checkpointing=float(impl.removeprefix("raylora-ckpt-")))
+        return dict(activation_checkpointing=float(impl.removeprefix("raylora-ckpt-")))
     return RAYLORA_IMPLS[impl]
 
 

@@ -210,6 +210,8 @@ def train(
     """
     _validate_with_model(config)
     workers = _Workers.detect()
+    if config.training.fp8:
+        _check_fp8(workers)  # before the model is loaded: a wrong GPU should not cost the load
     if reporter is None:
         reporter = (
             ConsoleReporter(config, append=resume_from is not None) if workers.is_main else _SilentReporter()
@@ -229,7 +231,6 @@ def train(
     # dropped copy per layer (raylora.fastpath says how much that saves).
     install_lean_lora(model)
     if cfg_train.fp8:
-        _check_fp8(workers)
         convert_to_float8(_decoder_layers(model))
     parameters = count_parameters(model)
     model.to(workers.device)  # LoRA weights are created on the CPU; the base already sits on the device
