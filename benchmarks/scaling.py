@@ -46,7 +46,8 @@ def run(
 
     from raylora import Resources, Sweep
     from raylora.config import AdapterConfig, DataConfig, FinetuneConfig, ModelConfig, TrainingConfig
-    from raylora.sweep import TRAIN_HISTORY, run_sweep
+    from raylora.names import TRAIN_HISTORY
+    from raylora.sweep import run_sweep
 
     config = FinetuneConfig(
         model=ModelConfig(name_or_path=str(ckpt), dtype="bfloat16", attn_implementation="sdpa"),

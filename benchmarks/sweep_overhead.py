@@ -23,7 +23,7 @@ import ray
 from ray import tune
 
 from raylora import Resources, Sweep, demo_config, run_sweep
-from raylora.train import FIRST_STEP_AT, SETUP_TIME_S, TRAIN_TIME_S
+from raylora.names import FIRST_STEP_AT, SETUP_TIME_S, TRAIN_TIME_S
 
 
 class TrialClock(tune.Callback):

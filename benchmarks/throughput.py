@@ -289,7 +289,7 @@ class _TimingReporter:
         self.peak = math.nan
 
     def report(self, metrics, *, checkpoint_dir=None):
-        from raylora.train import EVAL_LOSS, GRAD_NORM, PEAK_MEMORY_GIB, STEP, TOKENS_SEEN, TRAIN_LOSS
+        from raylora.names import EVAL_LOSS, GRAD_NORM, PEAK_MEMORY_GIB, STEP, TOKENS_SEEN, TRAIN_LOSS
 
         if TRAIN_LOSS in metrics and EVAL_LOSS not in metrics:
             step = int(metrics[STEP])

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raylora.train import EVAL_LOSS, PEAK_MEMORY_GIB, STEP, TRAIN_LOSS, TRAINABLE_PARAMS
+from raylora.names import EVAL_LOSS, PEAK_MEMORY_GIB, STEP, TRAIN_LOSS, TRAINABLE_PARAMS
 
 __all__ = ["TrialRecord", "read_trials", "write_report"]
 

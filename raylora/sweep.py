@@ -31,24 +31,14 @@ from pathlib import Path
 from typing import Any
 
 from raylora.config import ConfigError, FinetuneConfig
-from raylora.train import (
-    EVAL_LOSS,
-    EVAL_PERPLEXITY,
-    STEP,
-    TRAIN_LOSS,
-    NonFiniteLossError,
-    train,
-)
+from raylora.names import EVAL_LOSS, NUM_NODES, REPORTED_METRICS, STEP, TRAIN_HISTORY, WORKER_NODES
+from raylora.train import NonFiniteLossError, train
 
 __all__ = [
     "ALPHA_RATIO",
-    "REPORTED_METRICS",
     "Resources",
     "Sweep",
     "SweepResult",
-    "NUM_NODES",
-    "TRAIN_HISTORY",
-    "WORKER_NODES",
     "TrialSummary",
     "experiment_path",
     "load_sweep",
@@ -57,13 +47,6 @@ __all__ = [
 
 # A pseudo-field of the search space: alpha as a multiple of the sampled rank (alpha = ratio * r).
 ALPHA_RATIO = "adapter.alpha_ratio"
-# Key of a Tune result that holds the train-metric reports logged since the previous eval.
-TRAIN_HISTORY = "train_history"
-# Where a trial's workers ran, in rank order (Ray node ids, comma-separated), and on how many nodes.
-WORKER_NODES = "worker_nodes"
-NUM_NODES = "num_nodes"
-# Metrics present in every Tune result: what a sweep may optimise and ASHA may compare.
-REPORTED_METRICS = (EVAL_LOSS, EVAL_PERPLEXITY, TRAIN_LOSS)
 SEARCH_ALGORITHMS = ("random", "grid", "optuna")
 SCHEDULERS = ("asha", "fifo")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")

@@ -28,24 +28,27 @@ from typing import Any
 from ray import tune
 
 from raylora.config import FinetuneConfig
-from raylora.redaction import REDACTED, redact, secret_values
-from raylora.sweep import NUM_NODES, TRAIN_HISTORY, WORKER_NODES, Sweep
-from raylora.train import (
+from raylora.names import (
     ADAPTER_RUN_CONFIG,
     EVAL_LOSS,
     EVAL_PERPLEXITY,
     GRAD_NORM,
     LEARNING_RATE,
+    NUM_NODES,
     PEAK_MEMORY_GIB,
     STEP,
     TOKENS_PER_SEC,
     TOKENS_SEEN,
     TOTAL_PARAMS,
+    TRAIN_HISTORY,
     TRAIN_LOSS,
     TRAINABLE_PARAMS,
     TRAINABLE_PERCENT,
     WALL_TIME_S,
+    WORKER_NODES,
 )
+from raylora.redaction import REDACTED, redact, secret_values
+from raylora.sweep import Sweep
 
 __all__ = [
     "DEFAULT_TRACKING_URI",

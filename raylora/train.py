@@ -59,56 +59,37 @@ from raylora.model import (
     load_base_model,
     load_tokenizer,
 )
+from raylora.names import (
+    ADAPTER_RUN_CONFIG,
+    CHECKPOINT_STATE_FILE,
+    EVAL_LOSS,
+    EVAL_PERPLEXITY,
+    FIRST_STEP_AT,
+    GRAD_NORM,
+    LEARNING_RATE,
+    PEAK_MEMORY_GIB,
+    SETUP_TIME_S,
+    STEP,
+    TOKENS_PER_SEC,
+    TOKENS_SEEN,
+    TOTAL_PARAMS,
+    TRAIN_LOSS,
+    TRAIN_TIME_S,
+    TRAINABLE_PARAMS,
+    TRAINABLE_PERCENT,
+    WALL_TIME_S,
+)
 
 __all__ = [
-    "ADAPTER_RUN_CONFIG",
-    "CHECKPOINT_STATE_FILE",
     "ConsoleReporter",
-    "EVAL_LOSS",
-    "EVAL_PERPLEXITY",
-    "FIRST_STEP_AT",
-    "GRAD_NORM",
-    "LEARNING_RATE",
     "NonFiniteLossError",
-    "PEAK_MEMORY_GIB",
     "Reporter",
-    "SETUP_TIME_S",
-    "STEP",
-    "TOKENS_PER_SEC",
-    "TOKENS_SEEN",
-    "TOTAL_PARAMS",
-    "TRAINABLE_PARAMS",
-    "TRAINABLE_PERCENT",
-    "TRAIN_TIME_S",
-    "TRAIN_LOSS",
     "TrainResult",
-    "WALL_TIME_S",
     "evaluate_adapter",
     "latest_checkpoint",
     "train",
 ]
 
-# Metric names: one definition shared by the loop, the Tune config (`metric="eval_loss"`) and the tracking
-# code, so that what a sweep optimises cannot drift from what the loop reports.
-STEP = "step"
-TRAIN_LOSS = "train_loss"
-EVAL_LOSS = "eval_loss"
-EVAL_PERPLEXITY = "eval_perplexity"
-LEARNING_RATE = "lr"
-GRAD_NORM = "grad_norm"
-TOKENS_PER_SEC = "tokens_per_sec"
-TOKENS_SEEN = "tokens_seen"
-PEAK_MEMORY_GIB = "peak_memory_gib"
-TRAINABLE_PARAMS = "trainable_params"
-TOTAL_PARAMS = "total_params"
-TRAINABLE_PERCENT = "trainable_percent"
-WALL_TIME_S = "wall_time_s"
-SETUP_TIME_S = "setup_time_s"  # train() entry to the first step: loading, tokenizing, wrapping
-FIRST_STEP_AT = "first_step_at"  # wall clock (unix seconds) when the first step of this process began
-TRAIN_TIME_S = "train_time_s"  # seconds spent in optimizer steps, without set-up, eval and checkpoints
-
-CHECKPOINT_STATE_FILE = "trainer_state.pt"
-ADAPTER_RUN_CONFIG = "raylora_config.json"  # beside the adapter weights: the run config and resolved targets
 _CHECKPOINT_PREFIX = "step-"
 _IGNORE = -100
 

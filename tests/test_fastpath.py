@@ -16,7 +16,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from raylora.config import ConfigError, demo_config
 from raylora.fastpath import Float8Linear, convert_to_float8, install_lean_lora
-from raylora.train import EVAL_LOSS, TRAIN_LOSS, _activation_checkpointing, train
+from raylora.names import EVAL_LOSS, TRAIN_LOSS
+from raylora.train import _activation_checkpointing, train
 
 
 def _tiny_peft(dtype: torch.dtype, *, dropout: float = 0.1, targets="all-linear", **lora) -> torch.nn.Module:

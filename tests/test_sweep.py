@@ -13,9 +13,10 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from raylora.config import ConfigError, demo_config
+from raylora.names import EVAL_LOSS, STEP, TRAIN_LOSS
 from raylora.sweep import Resources, Sweep, experiment_path, load_sweep, run_sweep
 from raylora.tracking import MlflowTracker
-from raylora.train import EVAL_LOSS, STEP, TRAIN_LOSS, train
+from raylora.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 

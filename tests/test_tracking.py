@@ -20,10 +20,10 @@ from ray import tune
 from safetensors.torch import load_file
 
 from raylora.config import demo_config
+from raylora.names import STEP
 from raylora.report import write_report
 from raylora.sweep import Resources, Sweep, experiment_path, run_sweep
 from raylora.tracking import REDACTED, MlflowTracker, load_adapter, redact
-from raylora.train import STEP
 
 CANARY = "hf_CANARYcanary0123456789secret"
 
