@@ -4,14 +4,13 @@
 Written when loss_parity.py showed the compiled loop's loss one step after the first update 0.026 nats
 below the eager loop's and the anchor's (then within 0.003 from step 3 on), before the layers were compiled
 with `emulate_precision_casts` (raylora.fastpath.compile_layers). This runs the loop's own pieces
-(`_forward`, `_token_loss_sum`, clipping, AdamW) for two steps in both modes and compares the step-1
+(`raylora.loss.forward`, `token_loss_sum`, clipping, AdamW) for two steps in both modes and compares the step-1
 gradients and the weights after the first update, for lora_A and lora_B separately.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 import tempfile
@@ -25,9 +24,9 @@ import throughput as tp  # noqa: E402
 
 
 def run(config, batches, compile_mode: str) -> dict:
-    loop = importlib.import_module("raylora.train")
     from raylora.fastpath import compile_layers, install_lean_lora
-    from raylora.model import apply_lora, load_base_model
+    from raylora.loss import count_targets, forward, token_loss_sum
+    from raylora.model import apply_lora, decoder_layers, load_base_model
 
     torch.manual_seed(0)
     base = load_base_model(config.model, qlora=False, device=tp.DEVICE)
@@ -35,7 +34,7 @@ def run(config, batches, compile_mode: str) -> dict:
     install_lean_lora(model)
     model.to(tp.DEVICE)
     if compile_mode != "off":
-        compile_layers(loop._decoder_layers(model), compile_mode)
+        compile_layers(decoder_layers(model), compile_mode)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     init = {n: p.detach().clone() for n, p in params.items()}
     optimizer = torch.optim.AdamW(list(params.values()), lr=lp.LR, weight_decay=0.0)
@@ -44,9 +43,9 @@ def run(config, batches, compile_mode: str) -> dict:
     for step, batch in enumerate(batches[:3]):
         batch = {k: v.to(tp.DEVICE) for k, v in batch.items()}
         with torch.autocast("cuda" if tp.CUDA else "cpu", dtype=torch.bfloat16):
-            output = loop._forward(model, batch)
-        n = loop._count_targets(batch)
-        loss = loop._token_loss_sum(output, batch["labels"], 0.0)
+            output = forward(model, batch)
+        n = count_targets(batch)
+        loss = token_loss_sum(output, batch["labels"], 0.0)
         (loss / n).backward()
         out["losses"].append(float(loss) / n)
         if step == 0:

@@ -27,7 +27,6 @@ Runs, each a fresh model:
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
@@ -172,9 +171,10 @@ def run_anchor(
 
 
 def run_raylora(config) -> tuple[list[float], list[float]]:
-    loop = importlib.import_module("raylora.train")
+    from raylora.training import train
+
     reporter = tp._TimingReporter()
-    loop.train(config, reporter=reporter)
+    train(config, reporter=reporter)
     return reporter.losses, reporter.grad_norms
 
 

@@ -1,7 +1,7 @@
 # PYTHONUNBUFFERED=1 python benchmarks/profile_step.py --shape 8b --targets attention
 """Where a step of raylora's loop spends GPU time: the top kernels of two profiled steps (torch.profiler).
 
-Trains the throughput benchmark's random-init checkpoint through `raylora.train.train` (the loop's defaults),
+Trains the throughput benchmark's random-init checkpoint through `raylora.training.train` (the loop's defaults),
 profiles two steps after three warm-up steps (compilation included in those), and prints the kernels that
 took the most device time, grouped by name, with their share of the profiled steps.
 """

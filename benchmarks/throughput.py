@@ -8,7 +8,7 @@ checkpoint and the same number of tokens per step:
   0.05), bf16 weights and `bf16=True`, SDPA, seq 2048, batch 8 (1B) or 4 (8B), labels = input ids. For QLoRA
   rows the anchor is the textbook recipe: NF4 + double quantisation, `prepare_model_for_kbit_training` (its
   default: fp32 upcast of the unquantised modules and gradient checkpointing).
-- `raylora`: `raylora.train.train` as it is (defaults: compiled decoder layers on a GPU, the lean LoRA
+- `raylora`: `raylora.training.train` as it is (defaults: compiled decoder layers on a GPU, the lean LoRA
   branch, the chunked head + cross-entropy; activation checkpointing under QLoRA only).
 - `raylora-eager`: the same with `training.compile="off"`, to show what compilation adds.
 - `raylora-v0`: (not run by default) the loss on the model's full logits (`_chunkable_head` patched to return
@@ -316,7 +316,7 @@ def run_raylora(
 ) -> dict:
     import importlib
 
-    loop = importlib.import_module("raylora.train")  # the module: `raylora.train` is also the function
+    loss = importlib.import_module("raylora.loss")
     from raylora.config import AdapterConfig, DataConfig, FinetuneConfig, ModelConfig, TrainingConfig
 
     total = warmup + steps
@@ -345,14 +345,15 @@ def run_raylora(
     from torch._dynamo.utils import counters
 
     graphs_before = counters["stats"]["unique_graphs"]
-    original = loop._chunkable_head if hasattr(loop, "_chunkable_head") else None
+    from raylora.training import train
+
+    original = loss._chunkable_head
     if v0:
-        loop._chunkable_head = lambda model: None  # the full-logits loss of the loop before issue 6
+        loss._chunkable_head = lambda model: None  # the full-logits loss of the loop before issue 6
     try:
-        loop.train(config, reporter=reporter)
+        train(config, reporter=reporter)
     finally:
-        if original is not None:
-            loop._chunkable_head = original
+        loss._chunkable_head = original
     return {
         "tokens": reporter.seen[total] - reporter.seen[warmup],
         "seconds": reporter.times[total] - reporter.times[warmup],

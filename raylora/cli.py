@@ -46,7 +46,7 @@ def _load_config(path: str | None, overrides: list[str]) -> FinetuneConfig:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from raylora.train import latest_checkpoint, train
+    from raylora.training import latest_checkpoint, train
 
     config = _load_config(args.config, args.set)
     if args.output_dir:

@@ -281,7 +281,7 @@ class TrainingConfig:
     activation_checkpointing: bool | float | None = _help(
         "Recompute decoder-layer activations in the backward pass: less memory, more compute (a third more "
         "per checkpointed layer). true: every layer; a number in [0, 1]: that fraction of the layers, spread "
-        "evenly (on an H200, 0.5 gave QLoRA 1.14-1.19x the tokens/s for 2.3-2.7x the memory); None (default): "
+        "evenly (BENCHMARKS.md measures the trade); None (default): "
         "every layer with QLoRA, whose point is memory, none otherwise.",
         default=None,
     )

@@ -7,8 +7,8 @@ forward and the backward pass and how many kernels run, not the function.
 layer. Under bf16 autocast that casts the layer's input to fp32, drops it out in fp32, and autocast casts the
 dropped copy back to bf16; autograd then keeps, per adapted layer, the dropout mask *and* a bf16 copy of the
 dropped input (for lora_A's weight gradient). q, k and v read the same input, so an attention block keeps
-three masks and three dropped copies of one tensor; on Llama-3-8B at 4 x 2048 tokens that is about 8 GiB
-of a 73 GiB step for the attention targets and about 19 GiB with all linear layers. `_lora_branch` keeps the
+three masks and three dropped copies of one tensor (BENCHMARKS.md, "Why the defaults", measures what that
+costs on Llama shapes). `_lora_branch` keeps the
 input itself (one tensor, shared by every layer that reads it) and the boolean mask, and recomputes the
 dropped input in backward (one elementwise pass, no matmul). The arithmetic is peft's: the same masks from
 the same random stream (`native_dropout`, which `F.dropout` calls), the same scale ``1 / (1 - p)``, the same
@@ -21,8 +21,8 @@ cheap elementwise results in backward instead of storing them. All decoder layer
 (two, since the first layer's input does not require grad); evaluation runs the same layers eagerly (see
 `eager`), so a trial compiles once, for training, whatever its eval cadence. The fused kernels keep fp32
 between elementwise ops where eager rounds each to bf16, so compiled and eager gradients differ at bf16's
-rounding level (0.4% in norm on Llama-1B's first step); that is noise, not a different function, but AdamW's
-first step is a sign step and shows it (see BENCHMARKS.md, loss parity).
+rounding level; that is noise, not a different function, but AdamW's first step is a sign step and shows it
+(BENCHMARKS.md, loss parity, has the measured gap).
 
 **FP8 base layers** (a switch, `training.fp8`). Most of a LoRA step is the frozen weights' two matmuls per
 linear layer: the forward product and the input gradient (no weight gradient: the base is frozen). On GPUs
@@ -49,10 +49,8 @@ import torch.nn.functional as F
 __all__ = [
     "Float8Linear",
     "compile_layers",
-    "compiled_head_loss",
     "convert_to_float8",
     "eager",
-    "head_loss_and_grad",
     "install_lean_lora",
 ]
 
@@ -60,8 +58,8 @@ __all__ = [
 # The LoRA branch is a custom operator rather than an autograd.Function so that `torch.compile` treats it as
 # one opaque call: the partitioner then keeps exactly what `_save_for_backward` names (x and the mask). With
 # the branch traced op by op, it found it cheaper to keep the dropped bf16 copy *and* the mask, which costs
-# 2 more bytes per element of every adapted layer's input (about 8 GiB at Llama-3-8B x 8192 tokens with the
-# attention targets, 19 GiB with all linear layers). The `nondeterministic_seeded` tag tells the compiler
+# 2 more bytes per element of every adapted layer's input (BENCHMARKS.md, "Why the defaults", has the
+# figure on Llama shapes). The `nondeterministic_seeded` tag tells the compiler
 # that the operator draws random numbers: under activation checkpointing its recomputation in backward then
 # replays the forward's random state, as eager checkpointing does, instead of drawing new masks.
 @torch.library.custom_op("raylora::lora_branch", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
@@ -219,40 +217,6 @@ def eager() -> Iterator[None]:
     """Run compiled modules eagerly inside this block (evaluation): no-grad graphs are never compiled."""
     with torch.compiler.set_stance("force_eager"):
         yield
-
-
-def head_loss_and_grad(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    label_smoothing: float,
-    ignore_index: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed cross-entropy of ``hidden @ weight.T`` and its gradient w.r.t. `hidden`, written out.
-
-    The same numbers as ``F.cross_entropy(linear(hidden, weight).float(), ...)`` and its backward (fp32
-    logits, log-sum-exp, the gradient ``softmax - target distribution`` rounded to the matmul dtype before
-    the head's backward matmul), in a form `torch.compile` fuses: eager materialises the fp32 logits, their
-    log-softmax and the fp32 gradient, one [tokens, vocab] tensor each; compiled, the bf16 logits are read
-    twice and the bf16 gradient written once.
-    """
-    logits = (hidden @ weight.t()).float()
-    valid = targets != ignore_index
-    index = torch.where(valid, targets, 0).unsqueeze(1)
-    lse = torch.logsumexp(logits, dim=-1)
-    per_token = lse - logits.gather(1, index).squeeze(1)
-    if label_smoothing > 0:
-        per_token = (1.0 - label_smoothing) * per_token + label_smoothing * (lse - logits.mean(dim=-1))
-    loss = torch.where(valid, per_token, 0.0).sum()
-    grad = torch.exp(logits - lse.unsqueeze(1)) - label_smoothing / logits.size(-1)
-    grad = grad.scatter_add(1, index, torch.full_like(index, -(1.0 - label_smoothing), dtype=grad.dtype))
-    grad = torch.where(valid.unsqueeze(1), grad, 0.0).to(hidden.dtype)
-    return loss, grad @ weight
-
-
-def compiled_head_loss(backend: str):
-    """`head_loss_and_grad` compiled with `backend` (dynamic shapes: the last chunk of a batch is shorter)."""
-    return torch.compile(head_loss_and_grad, backend=backend, dynamic=True)
 
 
 # ---- FP8 base layers ----------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Sweeps: a `Sweep` written in plain Python, searched by Ray Tune, each trial one run of `raylora.train`.
+"""Sweeps: a `Sweep` written in plain Python, searched by Ray Tune, each trial one run of `raylora.training.train`.
 
 Flow: `Sweep` (the search space over `FinetuneConfig` fields, by dotted path) -> `run_sweep` builds a Ray
 Tune `Tuner` -> one trial per sampled config -> `_run_trial`:
@@ -32,7 +32,7 @@ from typing import Any
 
 from raylora.config import ConfigError, FinetuneConfig
 from raylora.names import EVAL_LOSS, NUM_NODES, REPORTED_METRICS, STEP, TRAIN_HISTORY, WORKER_NODES
-from raylora.train import NonFiniteLossError, train
+from raylora.training import NonFiniteLossError, train
 
 __all__ = [
     "ALPHA_RATIO",

@@ -17,7 +17,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from raylora.config import ConfigError, demo_config
 from raylora.fastpath import Float8Linear, convert_to_float8, install_lean_lora
 from raylora.names import EVAL_LOSS, TRAIN_LOSS
-from raylora.train import _activation_checkpointing, train
+from raylora.recipe import activation_checkpointing
+from raylora.training import train
 
 
 def _tiny_peft(dtype: torch.dtype, *, dropout: float = 0.1, targets="all-linear", **lora) -> torch.nn.Module:
@@ -212,15 +213,15 @@ def test_compiled_qlora_with_checkpointing_keeps_the_dropout_masks(tmp_path):
 def test_activation_checkpointing_defaults_to_every_layer_with_qlora_only():
     config = demo_config()
     assert config.training.activation_checkpointing is None
-    assert _activation_checkpointing(config) == 0.0
+    assert activation_checkpointing(config) == 0.0
     config.adapter.qlora = True
-    assert _activation_checkpointing(config) == 1.0
+    assert activation_checkpointing(config) == 1.0
     config.training.activation_checkpointing = True
-    assert _activation_checkpointing(config) == 1.0
+    assert activation_checkpointing(config) == 1.0
     config.training.activation_checkpointing = False
-    assert _activation_checkpointing(config) == 0.0
+    assert activation_checkpointing(config) == 0.0
     config.training.activation_checkpointing = 0.25
-    assert _activation_checkpointing(config) == 0.25
+    assert activation_checkpointing(config) == 0.25
 
 
 @pytest.mark.parametrize("checkpointing", ["yes", 1.5, -0.1, float("nan")])
@@ -344,8 +345,7 @@ def test_fp8_training_follows_the_bf16_curve_and_saves_a_plain_adapter(tmp_path)
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
 def test_written_out_head_loss_matches_the_chunked_cross_entropy(label_smoothing, autocast_dtype):
-    from raylora.fastpath import compiled_head_loss, head_loss_and_grad
-    from raylora.train import _ModelOutput, _token_loss_sum
+    from raylora.loss import ModelOutput, compiled_head_loss, head_loss_and_grad, token_loss_sum
 
     torch.manual_seed(0)
     head = torch.nn.Linear(32, 500, bias=False).requires_grad_(False)
@@ -356,8 +356,8 @@ def test_written_out_head_loss_matches_the_chunked_cross_entropy(label_smoothing
     for head_loss in (None, head_loss_and_grad, compiled_head_loss("aot_eager")):
         hidden.grad = None
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_dtype is not None):
-            output = _ModelOutput(hidden * 1.0, head, autocast_dtype)
-            loss = _token_loss_sum(output, labels, label_smoothing, head_loss=head_loss)
+            output = ModelOutput(hidden * 1.0, head, autocast_dtype)
+            loss = token_loss_sum(output, labels, label_smoothing, head_loss=head_loss)
         (loss / 4000).backward()
         results.append((loss.detach(), hidden.grad.clone()))
     (loss_ref, grad_ref), *others = results

@@ -17,17 +17,15 @@ import torch
 
 from raylora.config import AdapterConfig, ConfigError, ModelConfig
 from raylora.model import (
-    PRESET_NAMES,
     apply_lora,
     check_max_length,
     check_model,
     count_parameters,
-    linear_layer_names,
     load_base_model,
     load_tokenizer,
     model_max_length,
-    resolve_target_modules,
 )
+from raylora.targets import PRESET_NAMES, linear_layer_names, resolve_target_modules
 
 H, FFN, LAYERS, HEADS, KV_HEADS, VOCAB, POSITIONS = 64, 128, 2, 4, 2, 128, 256
 KV = H // HEADS * KV_HEADS  # width of the k and v projections under grouped-query attention

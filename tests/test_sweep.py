@@ -16,7 +16,7 @@ from raylora.config import ConfigError, demo_config
 from raylora.names import EVAL_LOSS, STEP, TRAIN_LOSS
 from raylora.sweep import Resources, Sweep, experiment_path, load_sweep, run_sweep
 from raylora.tracking import MlflowTracker
-from raylora.train import train
+from raylora.training import train
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from raylora.config import ConfigError, FinetuneConfig, demo_config
 from raylora.model import load_base_model
 from raylora.names import EVAL_LOSS, STEP, TRAIN_LOSS, TRAINABLE_PARAMS
-from raylora.train import (
+from raylora.training import (
     NonFiniteLossError,
     evaluate_adapter,
     latest_checkpoint,

@@ -1,0 +1,222 @@
+"""The loss of one micro-batch: the forward pass, the output head applied a chunk at a time, cross-entropy.
+
+`forward` runs the model and returns either its full logits or, where the loss may apply the output head
+itself, the decoder's final hidden states with the head. `token_loss_sum` then returns the *sum* of
+next-token cross-entropy over the trained positions (labels not -100), in fp32; the loop divides by the
+step's token count (`count_targets`, summed over micro-batches and ranks), so that the step's loss is the
+mean over every trained token whatever the batch shape, accumulation or worker count.
+
+Why the head is applied here, in chunks: the fp32 logits of a whole micro-batch are tokens x vocab x 4 bytes
+(8 GiB at 8 x 2048 tokens and a 128k vocabulary), and autograd would keep them for backward. A chunk of
+`LOSS_CHUNK_TOKENS` tokens at a time keeps one chunk's logits alive (1 GiB at a 128k vocabulary). For a
+frozen head (every real LoRA run), `_FrozenHeadCrossEntropy` takes each chunk's gradient with respect to the
+hidden states right after its loss, so backward has nothing to recompute; `head_loss_and_grad` writes that
+arithmetic out so that `torch.compile` fuses it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+from raylora.data import IGNORE_INDEX
+from raylora.model import unwrap
+
+__all__ = [
+    "LOSS_CHUNK_TOKENS",
+    "ModelOutput",
+    "compiled_head_loss",
+    "count_targets",
+    "forward",
+    "head_loss_and_grad",
+    "token_loss_sum",
+]
+
+# Architectures whose causal-LM forward is exactly `lm_head(decoder(...).last_hidden_state)`, with no logit
+# soft-capping or scaling in between: for these the loss runs the head itself, a chunk of tokens at a time.
+_PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+# Tokens per loss chunk: the fp32 logits of one chunk are 2048 x vocab x 4 bytes (1 GiB at a 128k vocabulary)
+# instead of tokens x vocab x 4 for the whole micro-batch (8 GiB at 8 x 2048 tokens).
+LOSS_CHUNK_TOKENS = 2048
+
+
+@dataclass
+class ModelOutput:
+    """What `forward` hands to `token_loss_sum`: the final hidden states and the output head to apply to
+    them chunk by chunk, or (`head` None) the model's full logits."""
+
+    hidden: torch.Tensor  # [batch, seq, d_model]; [batch, seq, vocab] logits when `head` is None
+    head: torch.nn.Module | None
+    autocast_dtype: torch.dtype | None  # the autocast the forward ran under, for the head; None: off
+
+
+def forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> ModelOutput:
+    """Run `model` on a collated batch (`raylora.data`) and return what the loss needs."""
+    # Packed rows carry per-document position_ids and no padding: leaving attention_mask out lets
+    # transformers build a block-diagonal causal mask from the position ids.
+    mask = None if bool(batch["attention_mask"].all()) else batch["attention_mask"]
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": mask, "position_ids": batch["position_ids"]}
+    head = _chunkable_head(model)
+    if head is None:
+        return ModelOutput(model(**inputs).logits, None, None)
+    # The decoder alone (LoRA layers sit inside it): the [tokens, vocab] logits are never built here.
+    hidden = unwrap(model).get_decoder()(**inputs).last_hidden_state
+    device_type = hidden.device.type
+    autocast_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    return ModelOutput(hidden, head, autocast_dtype)
+
+
+def _chunkable_head(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The output head, when the loss may apply it itself; None to take the model's own logits.
+
+    Not under FSDP2 (the root unit's embeddings and head are gathered by the root's own forward only), and
+    not for architectures that transform the logits after the head (Gemma 2's soft-capping, Cohere's scale).
+    """
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return None
+    base = unwrap(model)
+    if getattr(getattr(base, "config", None), "model_type", None) not in _PLAIN_HEAD_MODEL_TYPES:
+        return None
+    return base.get_output_embeddings()
+
+
+def count_targets(batch: dict[str, torch.Tensor]) -> int:
+    """Trained next-token positions of a batch: labels shifted by one, without the ignored ones."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def token_loss_sum(
+    output: ModelOutput, labels: torch.Tensor, label_smoothing: float, *, head_loss=None
+) -> torch.Tensor:
+    """Sum (not mean) of next-token cross-entropy over trained positions, in fp32 for a stable softmax.
+
+    With a head to apply (`forward` returned hidden states), the logits exist one chunk of
+    `LOSS_CHUNK_TOKENS` tokens at a time, each upcast to fp32 for its own cross-entropy: the same numbers
+    as the full-logits path, summed in a different order. `head_loss` is `compiled_head_loss(...)` or None
+    for the eager path.
+    """
+    targets = labels[:, 1:].reshape(-1)
+    if output.head is None:
+        logits = output.hidden
+        shifted = logits[:, :-1].float().reshape(-1, logits.size(-1))
+        return F.cross_entropy(
+            shifted, targets, ignore_index=IGNORE_INDEX, reduction="sum", label_smoothing=label_smoothing
+        )
+    hidden = output.hidden[:, :-1].reshape(-1, output.hidden.size(-1))
+    head, dtype = output.head, output.autocast_dtype
+    head_trains = any(p.requires_grad for p in head.parameters())
+    if torch.is_grad_enabled() and hidden.requires_grad and not head_trains:
+        fused = head_loss if _plain_linear(head) else None
+        return _FrozenHeadCrossEntropy.apply(hidden, targets, head, label_smoothing, dtype, fused)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.size(0), LOSS_CHUNK_TOKENS):
+        chunk = (
+            head,
+            hidden[start : start + LOSS_CHUNK_TOKENS],
+            targets[start : start + LOSS_CHUNK_TOKENS],
+        )
+        if torch.is_grad_enabled():
+            # A trained head (`modules_to_save`, or LoRA on it) needs its own gradients: keep no chunk's
+            # logits for backward, recompute them there instead.
+            total = total + torch.utils.checkpoint.checkpoint(
+                _chunk_cross_entropy, *chunk, label_smoothing, dtype, use_reentrant=False
+            )
+        else:
+            total = total + _chunk_cross_entropy(*chunk, label_smoothing, dtype)
+    return total
+
+
+def _chunk_cross_entropy(
+    head: torch.nn.Module,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    label_smoothing: float,
+    autocast_dtype: torch.dtype | None,
+) -> torch.Tensor:
+    # The head runs under the autocast the decoder ran under, as it would inside the model's forward.
+    enabled = autocast_dtype is not None
+    with torch.autocast(hidden.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=enabled):
+        logits = head(hidden)
+    return F.cross_entropy(
+        logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum", label_smoothing=label_smoothing
+    )
+
+
+class _FrozenHeadCrossEntropy(torch.autograd.Function):
+    """Chunked head + cross-entropy for a frozen head: each chunk's gradient w.r.t. the hidden states is
+    taken in the forward pass, right after its loss, so backward only scales it; nothing is recomputed
+    and no chunk's logits outlive its own iteration."""
+
+    @staticmethod
+    def forward(ctx, hidden, targets, head, label_smoothing, autocast_dtype, head_loss):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden)
+        for start in range(0, hidden.size(0), LOSS_CHUNK_TOKENS):
+            end = start + LOSS_CHUNK_TOKENS
+            if head_loss is not None:
+                # The same arithmetic written out for the compiler (`head_loss_and_grad`).
+                dtype = autocast_dtype or head.weight.dtype
+                loss, grad[start:end] = head_loss(
+                    hidden[start:end].detach().to(dtype),
+                    head.weight.detach().to(dtype),
+                    targets[start:end],
+                    label_smoothing,
+                    IGNORE_INDEX,
+                )
+                total += loss
+                continue
+            chunk = hidden[start:end].detach().requires_grad_(True)
+            with torch.enable_grad():
+                loss = _chunk_cross_entropy(head, chunk, targets[start:end], label_smoothing, autocast_dtype)
+                (grad[start:end],) = torch.autograd.grad(loss, chunk)
+            total += loss.detach()
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        # Scale in fp32: the loop scales the loss by 1/tokens, which bf16 would round by up to 0.4%.
+        return (grad.float() * grad_output).to(grad.dtype), None, None, None, None, None
+
+
+def _plain_linear(head: torch.nn.Module) -> bool:
+    return type(head) is torch.nn.Linear and head.bias is None
+
+
+def head_loss_and_grad(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    label_smoothing: float,
+    ignore_index: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy of ``hidden @ weight.T`` and its gradient w.r.t. `hidden`, written out.
+
+    The same numbers as ``F.cross_entropy(linear(hidden, weight).float(), ...)`` and its backward (fp32
+    logits, log-sum-exp, the gradient ``softmax - target distribution`` rounded to the matmul dtype before
+    the head's backward matmul), in a form `torch.compile` fuses: eager materialises the fp32 logits, their
+    log-softmax and the fp32 gradient, one [tokens, vocab] tensor each; compiled, the bf16 logits are read
+    twice and the bf16 gradient written once.
+    """
+    logits = (hidden @ weight.t()).float()
+    valid = targets != ignore_index
+    index = torch.where(valid, targets, 0).unsqueeze(1)
+    lse = torch.logsumexp(logits, dim=-1)
+    per_token = lse - logits.gather(1, index).squeeze(1)
+    if label_smoothing > 0:
+        per_token = (1.0 - label_smoothing) * per_token + label_smoothing * (lse - logits.mean(dim=-1))
+    loss = torch.where(valid, per_token, 0.0).sum()
+    grad = torch.exp(logits - lse.unsqueeze(1)) - label_smoothing / logits.size(-1)
+    grad = grad.scatter_add(1, index, torch.full_like(index, -(1.0 - label_smoothing), dtype=grad.dtype))
+    grad = torch.where(valid.unsqueeze(1), grad, 0.0).to(hidden.dtype)
+    return loss, grad @ weight
+
+
+def compiled_head_loss(backend: str):
+    """`head_loss_and_grad` compiled with `backend` (dynamic shapes: the last chunk of a batch is shorter)."""
+    return torch.compile(head_loss_and_grad, backend=backend, dynamic=True)

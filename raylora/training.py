@@ -1,0 +1,217 @@
+"""Train one adapter: `train(config)` runs the loop of `raylora.recipe.LoraRecipe` from set-up to the saved adapter.
+
+The same function runs standalone (`raylora train`, reporting to `ConsoleReporter`) and inside a Ray Tune
+trial or a Ray Train worker (the reporters in `raylora.sweep.trial`); it reports through one small interface
+(`Reporter`). Read `train` top to bottom: the step, the loss, checkpoints and evaluation each live in their
+own module (`raylora.recipe`, `raylora.loss`, `raylora.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from raylora.checkpoint import latest_checkpoint
+from raylora.config import ConfigError, FinetuneConfig
+from raylora.model import ParameterCount, check_model
+from raylora.names import (
+    EVAL_LOSS,
+    EVAL_PERPLEXITY,
+    LEARNING_RATE,
+    STEP,
+    TOKENS_PER_SEC,
+    TRAIN_LOSS,
+    WALL_TIME_S,
+)
+from raylora.recipe import LoraRecipe, NonFiniteLossError
+
+__all__ = [
+    "ConsoleReporter",
+    "NonFiniteLossError",
+    "Reporter",
+    "TrainResult",
+    "evaluate_adapter",
+    "latest_checkpoint",
+    "train",
+    "validate_with_model",
+]
+
+
+class Reporter(Protocol):
+    """Where the loop sends its numbers: a console, a Ray Tune trial, a Ray Train worker.
+
+    `report` is called on every rank (Ray Train gathers from all workers; the others ignore non-zero
+    ranks themselves). Train reports carry `TRAIN_LOSS`; eval reports carry `EVAL_LOSS` and, when a
+    checkpoint was written at that step, its directory.
+    """
+
+    def report(self, metrics: dict[str, float], *, checkpoint_dir: str | None = None) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    """What a finished run leaves behind."""
+
+    step: int
+    eval_loss: float
+    adapter_dir: str
+    target_modules: list[str]
+    parameters: ParameterCount
+    metrics: dict[str, float]
+
+
+def train(
+    config: FinetuneConfig,
+    *,
+    reporter: Reporter | None = None,
+    resume_from: str | os.PathLike[str] | None = None,
+) -> TrainResult:
+    """Train one LoRA/QLoRA adapter as `config` says, and save it under `training.output_dir/adapter`.
+
+    Args:
+        config: the run's configuration; validated here before any work.
+        reporter: receives train and eval metrics (and checkpoint directories); defaults to the console.
+        resume_from: a checkpoint directory written by an earlier run of the same config (see
+            `latest_checkpoint`); training continues at its step with the same data order.
+
+    Raises:
+        ConfigError: a bad field, model, target module, or dataset, before any training step.
+        NonFiniteLossError: the train loss became NaN or infinite.
+    """
+    validate_with_model(config)
+    recipe = LoraRecipe(config)
+    recipe.setup(resume_from=resume_from)
+    reporter = reporter or _default_reporter(config, recipe.workers.is_main, append=resume_from is not None)
+    t = config.training
+    logged: dict[str, float] = {}
+    eval_loss = math.nan
+    while recipe.global_step < t.max_steps:
+        step_metrics = recipe.step(recipe.next_batches())
+        step = recipe.global_step
+        last_step = step == t.max_steps
+        if step % t.log_every == 0 or last_step:
+            logged = recipe.train_metrics(step_metrics)
+            reporter.report(dict(logged))
+        if step % t.eval_every == 0 or last_step:
+            eval_loss = recipe.evaluate()
+            due = last_step or (t.checkpoint_every > 0 and step % t.checkpoint_every == 0)
+            checkpoint = recipe.save_checkpoint() if due else None
+            metrics = {
+                **logged,
+                STEP: float(step),
+                EVAL_LOSS: eval_loss,
+                EVAL_PERPLEXITY: math.exp(min(eval_loss, 50.0)),
+                WALL_TIME_S: recipe.wall_time(),
+            }
+            reporter.report(metrics, checkpoint_dir=checkpoint)
+
+    adapter_dir = recipe.save_adapter(Path(t.output_dir) / "adapter")
+    final = {**logged, STEP: float(recipe.global_step), EVAL_LOSS: eval_loss, WALL_TIME_S: recipe.wall_time()}
+    return TrainResult(
+        recipe.global_step, eval_loss, str(adapter_dir), recipe.target_modules, recipe.parameters, final
+    )
+
+
+def validate_with_model(config: FinetuneConfig) -> None:
+    """Every field check and every model-dependent check (from config.json alone, no weights), in one error.
+
+    The model checks run only when the fields they read are sound, so a bad field is not reported twice.
+
+    Raises:
+        ConfigError: every problem found.
+    """
+    problems: list[str] = []
+    try:
+        config.validate()
+    except ConfigError as error:
+        problems.extend(error.problems)
+    needed = ("`model.", "`adapter.target_modules`", "`adapter.modules_to_save`", "`data.max_length`")
+    if not any(problem.startswith(needed) for problem in problems):
+        try:
+            check_model(config.model, config.adapter, max_length=config.data.max_length)
+        except ConfigError as error:
+            problems.extend(error.problems)
+    if problems:
+        raise ConfigError(problems)
+
+
+def evaluate_adapter(config: FinetuneConfig, adapter_dir: str | os.PathLike[str]) -> float:
+    """Eval loss of a saved adapter on a fresh base, on the eval split `config` describes.
+
+    Loads the base exactly as training did (bf16 or NF4), attaches the adapter with peft, and runs the
+    same eval pass as the loop, so the number is comparable with the `eval_loss` the run reported.
+    """
+    import torch
+    from peft import PeftModel
+
+    from raylora.data import load_data
+    from raylora.distributed import Workers
+    from raylora.model import load_base_model, load_tokenizer
+    from raylora.recipe import evaluate_loss
+
+    workers = Workers.detect()
+    torch.manual_seed(config.training.seed)
+    tokenizer = load_tokenizer(config.model)
+    base = load_base_model(config.model, qlora=config.adapter.qlora, device=workers.device)
+    data = load_data(config.data, tokenizer, seed=config.training.seed)
+    model = PeftModel.from_pretrained(base, str(adapter_dir)).to(workers.device)
+    return evaluate_loss(
+        model,
+        data,
+        batch_size=config.training.batch_size,
+        max_batches=config.training.eval_batches,
+        workers=workers,
+        autocast=workers.autocast(config.training.precision),
+        pad_id=tokenizer.pad_token_id,
+    )
+
+
+# ---- reporters ---------------------------------------------------------------------------------------------
+
+
+def _default_reporter(config: FinetuneConfig, is_main: bool, *, append: bool) -> Reporter:
+    return ConsoleReporter(config, append=append) if is_main else _SilentReporter()
+
+
+class _SilentReporter:
+    def report(self, metrics: dict[str, float], *, checkpoint_dir: str | None = None) -> None:
+        pass
+
+
+class ConsoleReporter:
+    """Standalone runs: a progress bar over steps, one line per eval, and `metrics.jsonl` in the output dir."""
+
+    def __init__(self, config: FinetuneConfig, *, append: bool = False, show_progress: bool = True):
+        from tqdm.auto import tqdm
+
+        self._total = config.training.max_steps
+        self._bar = tqdm(
+            total=self._total, desc="train", unit="step", disable=not show_progress, dynamic_ncols=True
+        )
+        self._log = Path(config.training.output_dir) / "metrics.jsonl"
+        self._log.parent.mkdir(parents=True, exist_ok=True)
+        if not append:
+            self._log.write_text("")
+
+    def report(self, metrics: dict[str, float], *, checkpoint_dir: str | None = None) -> None:
+        step = int(metrics.get(STEP, 0))
+        self._bar.update(max(0, step - self._bar.n))
+        if EVAL_LOSS in metrics:
+            self._bar.write(
+                f"step {step:>5}  eval_loss {metrics[EVAL_LOSS]:.4f}  ppl {metrics[EVAL_PERPLEXITY]:.2f}"
+                + (f"  checkpoint {checkpoint_dir}" if checkpoint_dir else "")
+            )
+        elif TRAIN_LOSS in metrics:
+            self._bar.set_postfix(
+                loss=f"{metrics[TRAIN_LOSS]:.4f}",
+                lr=f"{metrics[LEARNING_RATE]:.2e}",
+                tok_s=f"{metrics[TOKENS_PER_SEC]:.0f}",
+            )
+        with self._log.open("a") as handle:
+            handle.write(json.dumps({**metrics, "checkpoint_dir": checkpoint_dir}) + "\n")
+        if step >= self._total and EVAL_LOSS in metrics:
+            self._bar.close()
