@@ -115,8 +115,15 @@ class Sweep:
 
     def problems(self) -> list[str]:
         """Every problem in the sweep definition (without a cluster); `validate` raises them together."""
-        from ray.tune.search.sample import Categorical, Domain, Float, Integer
+        problems = self._field_problems()
+        problems.extend(self.resources.problems())
+        problems.extend(self._search_space_problems())
+        problems.extend(self._base_problems())
+        problems.extend(self._cross_field_problems())
+        return problems
 
+    def _field_problems(self) -> list[str]:
+        """The sweep's own fields, each on its own."""
         problems: list[str] = []
         if not isinstance(self.name, str) or not self.name.strip() or "/" in self.name:
             problems.append(f"`sweep.name` must be a non-empty name without '/', got {self.name!r}")
@@ -151,11 +158,13 @@ class Sweep:
             problems.append(
                 f"`sweep.max_concurrent_trials` must be a positive integer or None, got {self.max_concurrent_trials!r}"
             )
-        problems.extend(self.resources.problems())
+        return problems
 
-        # The search space: each key a real field, each sampler non-empty and in range.
+    def _search_space_problems(self) -> list[str]:
+        """The search space: each key a real field, each sampler non-empty and in range, and every entry
+        one that the search algorithm can use."""
         known = set(FinetuneConfig.field_help()) | {ALPHA_RATIO}
-        has_grid = False
+        problems: list[str] = []
         for key, value in self.search_space.items():
             where = f"`search_space[{key!r}]`"
             if key not in known:
@@ -164,45 +173,8 @@ class Sweep:
                     "training.learning_rate, adapter.target_modules"
                 )
                 continue
-            if isinstance(value, dict) and "grid_search" in value:
-                has_grid = True
-                values = value["grid_search"]
-                if not values:
-                    problems.append(f"{where} is an empty grid_search; give at least one value")
-                for v in values or []:
-                    problems.extend(_fixed_value_problems(self.base, key, v, where))
-            elif isinstance(value, Categorical):
-                if not value.categories:
-                    problems.append(f"{where} is an empty tune.choice; give at least one value")
-                for v in value.categories:
-                    problems.extend(_fixed_value_problems(self.base, key, v, where))
-                if self.search_alg == "grid":
-                    problems.append(
-                        f"{where} is a tune.choice, which grid search would sample at random; "
-                        "use tune.grid_search([...]) with `search_alg='grid'`"
-                    )
-            elif isinstance(value, Float | Integer):
-                lower, upper = value.lower, value.upper
-                if lower is None or upper is None or lower >= upper:
-                    problems.append(
-                        f"{where} has inverted or empty bounds ({lower}, {upper}); the lower bound must be smaller"
-                    )
-                if key == "training.learning_rate" and lower is not None and lower <= 0:
-                    problems.append(
-                        f"{where} has a learning rate bound {lower} <= 0; learning rates must be positive (e.g. 1e-4 to 3e-4)"
-                    )
-                elif lower is not None and key in ("adapter.r", "adapter.alpha", ALPHA_RATIO) and lower <= 0:
-                    problems.append(f"{where} has a lower bound {lower} <= 0; it must be positive")
-                if self.search_alg == "grid":
-                    problems.append(
-                        f"{where} is a continuous range, which grid search cannot enumerate; use "
-                        "tune.grid_search([...]) or `search_alg='random'`"
-                    )
-            elif isinstance(value, Domain):
-                if self.search_alg == "grid":
-                    problems.append(f"{where} is a random sampler; grid search needs tune.grid_search([...])")
-            else:
-                problems.extend(_fixed_value_problems(self.base, key, value, where))
+            problems.extend(self._entry_problems(key, value, where))
+        has_grid = any(_is_grid(value) for key, value in self.search_space.items() if key in known)
         if has_grid and self.search_alg == "optuna":
             problems.append(
                 "`sweep.search_alg` 'optuna' cannot take tune.grid_search entries; use tune.choice with "
@@ -210,10 +182,75 @@ class Sweep:
             )
         if self.search_alg == "grid" and not has_grid:
             problems.append("`sweep.search_alg` is 'grid' but the search space has no tune.grid_search entry")
+        return problems
+
+    def _entry_problems(self, key: str, value: Any, where: str) -> list[str]:
+        """One search-space entry, by the kind of sampler (or fixed value) it is."""
+        from ray.tune.search.sample import Categorical, Domain, Float, Integer
+
+        if _is_grid(value):
+            return self._grid_problems(key, value["grid_search"], where)
+        if isinstance(value, Categorical):
+            return self._choice_problems(key, value, where)
+        if isinstance(value, Float | Integer):
+            return self._range_problems(key, value, where)
+        if isinstance(value, Domain):
+            if self.search_alg == "grid":
+                return [f"{where} is a random sampler; grid search needs tune.grid_search([...])"]
+            return []
+        return _fixed_value_problems(self.base, key, value, where)
+
+    def _grid_problems(self, key: str, values: Any, where: str) -> list[str]:
+        problems: list[str] = []
+        if not values:
+            problems.append(f"{where} is an empty grid_search; give at least one value")
+        for v in values or []:
+            problems.extend(_fixed_value_problems(self.base, key, v, where))
+        return problems
+
+    def _choice_problems(self, key: str, value: Any, where: str) -> list[str]:
+        problems: list[str] = []
+        if not value.categories:
+            problems.append(f"{where} is an empty tune.choice; give at least one value")
+        for v in value.categories:
+            problems.extend(_fixed_value_problems(self.base, key, v, where))
+        if self.search_alg == "grid":
+            problems.append(
+                f"{where} is a tune.choice, which grid search would sample at random; "
+                "use tune.grid_search([...]) with `search_alg='grid'`"
+            )
+        return problems
+
+    def _range_problems(self, key: str, value: Any, where: str) -> list[str]:
+        problems: list[str] = []
+        lower, upper = value.lower, value.upper
+        if lower is None or upper is None or lower >= upper:
+            problems.append(
+                f"{where} has inverted or empty bounds ({lower}, {upper}); the lower bound must be smaller"
+            )
+        if key == "training.learning_rate" and lower is not None and lower <= 0:
+            problems.append(
+                f"{where} has a learning rate bound {lower} <= 0; learning rates must be positive (e.g. 1e-4 to 3e-4)"
+            )
+        elif lower is not None and key in ("adapter.r", "adapter.alpha", ALPHA_RATIO) and lower <= 0:
+            problems.append(f"{where} has a lower bound {lower} <= 0; it must be positive")
+        if self.search_alg == "grid":
+            problems.append(
+                f"{where} is a continuous range, which grid search cannot enumerate; use "
+                "tune.grid_search([...]) or `search_alg='random'`"
+            )
+        return problems
+
+    def _base_problems(self) -> list[str]:
         try:
             self.base.validate()
         except ConfigError as error:
-            problems.extend(f"base config: {p}" for p in error.problems)
+            return [f"base config: {p}" for p in error.problems]
+        return []
+
+    def _cross_field_problems(self) -> list[str]:
+        """Rules between the sweep, its resources and its base config."""
+        problems: list[str] = []
         workers = self.resources.workers
         if self.base.training.fp8 is True and isinstance(workers, int) and workers > 1:
             problems.append(
@@ -274,6 +311,11 @@ class Sweep:
         return config
 
 
+def _is_grid(value: Any) -> bool:
+    """`tune.grid_search([...])` is a plain dict, not a sampler object."""
+    return isinstance(value, dict) and "grid_search" in value
+
+
 def _candidate_configs(space: dict[str, Any], keys: tuple[str, ...]) -> list[dict[str, Any]]:
     """Every combination of the finite candidates of `keys` in the search space (the base when absent)."""
     import itertools
@@ -283,7 +325,7 @@ def _candidate_configs(space: dict[str, Any], keys: tuple[str, ...]) -> list[dic
     options: dict[str, list[Any]] = {}
     for key in keys:
         value = space.get(key)
-        if isinstance(value, dict) and "grid_search" in value:
+        if _is_grid(value):
             options[key] = list(value["grid_search"])
         elif isinstance(value, Categorical):
             options[key] = list(value.categories)
