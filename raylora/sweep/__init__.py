@@ -1,7 +1,7 @@
 """Sweeps: a `Sweep` written in plain Python, searched by Ray Tune, each trial one run of `raylora.train`.
 
 Flow: `Sweep` (the search space over `FinetuneConfig` fields, by dotted path) -> `run_sweep` builds a Ray
-Tune `Tuner` -> one trial per sampled config -> `run_trial` -> a `SweepResult`. One module per concern:
+Tune `Tuner` -> one trial per sampled config -> `_run_trial` -> a `SweepResult`. One module per concern:
 
 - `spec`: `Sweep` and `Resources`, their checks (all at once, no cluster needed), `load_sweep`;
 - `tuner`: `run_sweep` and `experiment_path`: Ray, storage, the `Tuner` and its `TuneConfig`;

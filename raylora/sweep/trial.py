@@ -11,7 +11,7 @@ Tune sees one report per eval (carrying `eval_loss`, the train metrics logged si
 `train_history`, and an adapter-only checkpoint), so ASHA can stop losers at every eval and a retried trial
 resumes from its last eval instead of step 0.
 
-The driver only hands `run_trial` to Tune; torch, the training loop and Ray are imported inside the
+The driver only hands `_run_trial` to Tune; torch, the training loop and Ray are imported inside the
 functions that run in the trial's process, so the driver never pays for them.
 """
 
@@ -26,12 +26,15 @@ from raylora.config import FinetuneConfig
 from raylora.names import EVAL_LOSS, NUM_NODES, TRAIN_HISTORY, WORKER_NODES
 from raylora.sweep.spec import Sweep
 
-__all__ = ["run_trial"]
+__all__ = ["_run_trial"]
 
 _NONFINITE_MARKER = "NONFINITE_LOSS"
 
 
-def run_trial(sampled: dict[str, Any], *, sweep_spec: dict[str, Any]) -> None:
+# Named with an underscore although `raylora.sweep.tuner` imports it: Tune identifies a trainable by the
+# function's name, and `Tuner.restore` refuses another one, so a new name would break `raylora run --resume`
+# of every sweep started before.
+def _run_trial(sampled: dict[str, Any], *, sweep_spec: dict[str, Any]) -> None:
     """The Tune trial function: train one sampled config on 1 worker in-process, or N workers via TorchTrainer."""
     import ray
     from ray import tune

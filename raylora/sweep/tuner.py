@@ -20,7 +20,7 @@ from raylora.names import STEP
 from raylora.sweep.cluster import check_cluster
 from raylora.sweep.spec import TRAINER_DRIVER_CPU, Resources, Sweep
 from raylora.sweep.summary import SweepResult, summarise
-from raylora.sweep.trial import run_trial
+from raylora.sweep.trial import _run_trial
 
 __all__ = ["experiment_path", "run_sweep"]
 
@@ -55,7 +55,7 @@ def run_sweep(
     check_cluster(sweep, storage)
 
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, sweep_spec=_sweep_spec(sweep, storage)),
+        tune.with_parameters(_run_trial, sweep_spec=_sweep_spec(sweep, storage)),
         _trial_resources(sweep.resources),
     )
     experiment_path = _join(storage, sweep.name)
