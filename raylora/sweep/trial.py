@@ -11,8 +11,8 @@ Tune sees one report per eval (carrying `eval_loss`, the train metrics logged si
 `train_history`, and an adapter-only checkpoint), so ASHA can stop losers at every eval and a retried trial
 resumes from its last eval instead of step 0.
 
-The driver only hands `_run_trial` to Tune; torch, the training loop and Ray are imported inside the
-functions that run in the trial's process, so the driver never pays for them.
+The driver only hands `_run_trial` to Tune: torch and the training loop are imported inside the functions
+that run in a trial's (or a worker's) process, so the driver never loads them.
 """
 
 from __future__ import annotations
