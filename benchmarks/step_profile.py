@@ -135,26 +135,23 @@ class StepProfiler:
         fp8_frozen_flops_per_step: float = 0.0,
     ) -> dict:
         """Device time per step by kernel class, the step's wall time, and the floors (see the module)."""
-        device_attr = None
         by_class: dict[str, float] = defaultdict(float)
         by_kernel: dict[str, float] = defaultdict(float)
         step_wall_us = 0.0
-        steps = 0
-        for event in self.profiler.key_averages():
-            if event.key.startswith("ProfilerStep"):  # "ProfilerStep*", all steps aggregated
-                step_wall_us += event.cpu_time_total
-                steps += event.count
+        # Raw events, not key_averages(): the averages merge a step's CPU range with its GPU-side annotation.
+        for event in self.profiler.events():
+            on_device = str(event.device_type).endswith("CUDA")
+            if event.name.startswith("ProfilerStep"):
+                if not on_device:
+                    step_wall_us += event.time_range.elapsed_us()
                 continue
-            if device_attr is None:
-                device_attr = "self_device_time_total" if hasattr(event, "self_device_time_total") else None
-                device_attr = device_attr or "self_cuda_time_total"
-            device_us = float(getattr(event, device_attr, 0.0) or 0.0)
-            is_kernel = str(getattr(event, "device_type", "")).endswith("CUDA")
-            if device_us <= 0 or not is_kernel:
+            # kernels only: a record_function range mirrored on the GPU spans kernels counted on their own
+            if not on_device or getattr(event, "is_user_annotation", False):
                 continue
-            by_class[kernel_class(event.key)] += device_us
-            by_kernel[event.key] += device_us
-        steps = steps or self.active
+            device_us = float(event.time_range.elapsed_us())
+            by_class[kernel_class(event.name)] += device_us
+            by_kernel[event.name] += device_us
+        steps = self.active
         per_step = {k: v / steps / 1e3 for k, v in by_class.items()}  # ms
         busy = sum(per_step.values())
         wall = step_wall_us / steps / 1e3 if step_wall_us else float("nan")
