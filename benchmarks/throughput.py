@@ -18,9 +18,10 @@ Anchors (issues 6 and 18):
 raylora (`raylora.training.train`, the loop's defaults unless the name says otherwise):
 - `raylora`: defaults (compiled decoder layers on a GPU, the lean LoRA branch, the compiled chunked head
   loss; activation checkpointing under QLoRA only).
-- `raylora-warm`: the defaults again, with the compile caches (on disk and in memory) that the `raylora`
-  row of the same shape, targets and mode left: what a later trial on the same node pays. Every other
-  compiled raylora row starts from empty caches (a fresh node's first trial).
+- `raylora-warm`: the defaults again, with the on-disk compile caches (inductor's, Triton's) that the
+  `raylora` row of the same shape, targets and mode left: what a later trial on the same node pays (the
+  in-memory caches are those of the rows run in between, which start cold). Every other compiled raylora
+  row starts from empty caches, on disk and in memory: a fresh node's first trial.
 - `raylora-eager`: `training.compile="off"`; `raylora-v0`: (not run by default) the loss on the model's full
   logits, compile off.
 - `raylora-fp8`: `training.fp8=True` (raylora's `Float8Linear`); bf16 LoRA rows only.
@@ -417,7 +418,12 @@ def compile_cache(key: tuple, warm: bool, root: Path):
             raise RuntimeError(f"no cold row ran before this warm one ({key}); list `raylora` first")
         directory = _CACHE_DIRS[key]
     else:
-        (getattr(utils, "clear_caches", None) or utils.clear_inductor_caches)()
+        clear = getattr(utils, "clear_caches", None) or getattr(utils, "clear_inductor_caches", None)
+        if clear is None:
+            raise RuntimeError(
+                "this torch has no torch._inductor.utils.clear_caches: cold compiles not ensured"
+            )
+        clear()
         directory = tempfile.mkdtemp(prefix="compile-cache-", dir=root)
         _CACHE_DIRS[key] = directory
     saved = {k: os.environ.get(k) for k in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
@@ -1104,6 +1110,7 @@ def main() -> None:
         child_main(a)
         return
     deadline_at = time.time() + a.deadline_s
+    a.workdir = str(Path(a.workdir).resolve())  # absolute: child processes run in directories of their own
     root = Path(a.workdir)
     root.mkdir(parents=True, exist_ok=True)
     import peft
