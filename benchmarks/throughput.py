@@ -34,8 +34,8 @@ Library kernels in place of raylora's hand-written pieces (benchmarks/kernel_swa
   instead of the compiler.
 
 Order and processes: `--impls` is cut into segments of consecutive impls that run in the same process, and
-the segments run in the order listed (so, under `--deadline-s`, the first listed are the last to be left
-out); within a segment, rows run mode by mode, then targets, then impl. Liger's model patches and Unsloth's
+the segments run in the order listed; within a segment, rows run impl by impl as listed, then mode, then
+targets. So under `--deadline-s` the impls listed first are the last to be left out. Liger's model patches and Unsloth's
 import change transformers for the whole process, so a segment of `anchor-liger`, `raylora-liger-ops` and
 `raylora-liger-eager` rows runs in a child process of its own, and so does a segment of Unsloth rows; every
 other row runs in this process. A child that dies (a CUDA fault, say)
@@ -79,6 +79,7 @@ import string
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -876,11 +877,17 @@ def run_family(family: str, rows: list[Row], ckpt: Path, data: Path, a, deadline
         with subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=scratch
         ) as child:
+            # A child still busy `--grace-s` after the deadline (a hung import, a slow row) is ended, so that
+            # this process prints its tables inside the call's limit.
+            watchdog = threading.Timer(max(deadline_at + a.grace_s - time.time(), 0.0), child.kill)
+            if math.isfinite(deadline_at):
+                watchdog.start()
             assert child.stdout is not None
             for line in child.stdout:
                 print(line, end="", flush=True)
                 tail.append(line.rstrip())
             code = child.wait()
+            watchdog.cancel()
         done = (
             [json.loads(line) for line in result_file.read_text().splitlines()]
             if result_file.exists()
@@ -890,7 +897,9 @@ def run_family(family: str, rows: list[Row], ckpt: Path, data: Path, a, deadline
         remaining = remaining[len(done) :]
         if remaining and code != 3:
             row = remaining.pop(0)
-            why = f"the {family} process exited with code {code} during this row"
+            why = f"the {family} process exited with code {code} on this row (or its library import)"
+            if code < 0 and time.time() >= deadline_at + a.grace_s:
+                why += f", ended when still running {a.grace_s:.0f}s after --deadline-s"
             result = not_run(row, why, error=why, error_detail="\n".join(tail))
             emit(result, None)
             results.append(result)
@@ -1068,6 +1077,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=math.inf,
         help="start no row later than this many seconds after the start (rows after it: 'not run')",
     )
+    p.add_argument(
+        "--grace-s",
+        type=float,
+        default=60.0,
+        help="end a child process still running this many seconds after the deadline",
+    )
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "raylora-bench"))
     p.add_argument("--json", default=None, help="append one JSON line per row here")
     # a child process (see run_family)
@@ -1130,7 +1145,7 @@ def main() -> None:
         ckpt = build_checkpoint(shape, root)
         done: dict[Row, dict] = {}
         for family, segment in segments(impls):
-            members = [r for r in planned if r.impl in segment]
+            members = [r for impl in segment for r in planned if r.impl == impl]
             if family != "main":
                 for r, result in zip(
                     members, run_family(family, members, ckpt, data, a, deadline_at), strict=True
