@@ -11,7 +11,7 @@ checkpoint and the same number of tokens per step:
 - `raylora`: `raylora.training.train` as it is (defaults: compiled decoder layers on a GPU, the lean LoRA
   branch, the chunked head + cross-entropy; activation checkpointing under QLoRA only).
 - `raylora-eager`: the same with `training.compile="off"`, to show what compilation adds.
-- `raylora-v0`: (not run by default) the loss on the model's full logits (`_chunkable_head` patched to return
+- `raylora-v0`: (not run by default) the loss on the model's full logits (`raylora.loss.chunkable_head` patched to return
   None), compile off.
 - `raylora-fp8`: the defaults plus `training.fp8=True` (the frozen base's linear layers in FP8); bf16 LoRA
   rows only (FP8 and QLoRA exclude each other).
@@ -347,13 +347,13 @@ def run_raylora(
     graphs_before = counters["stats"]["unique_graphs"]
     from raylora.training import train
 
-    original = loss._chunkable_head
+    original = loss.chunkable_head
     if v0:
-        loss._chunkable_head = lambda model: None  # the full-logits loss of the loop before issue 6
+        loss.chunkable_head = lambda model: None  # the full-logits loss of the loop before issue 6
     try:
         train(config, reporter=reporter)
     finally:
-        loss._chunkable_head = original
+        loss.chunkable_head = original
     return {
         "tokens": reporter.seen[total] - reporter.seen[warmup],
         "seconds": reporter.times[total] - reporter.times[warmup],
