@@ -80,14 +80,15 @@ def _lora_branch(
 
     `weight_a` and `weight_b` arrive in the dtype the matmuls run in (the autocast dtype, or the adapter's
     own dtype without autocast); x keeps its own. `p` == 0 means no dropout (eval, or none configured), and
-    the mask returned is then empty. With `step_seed` and `layer_key` (one-element int64 CPU tensors) the mask
-    comes from its own generator seeded by both (see `seeded_dropout`); without them, from the global stream.
+    the mask returned is then empty. With `step_seed` (int64 CPU tensor: seed, first row, rows; see
+    `DropoutSeeds`) and `layer_key` the mask comes from a generator of its own (`_seeded_mask`); without them,
+    from the global stream.
     """
     with torch.autocast(x.device.type, enabled=False):
         if p == 0:
             dropped, mask = x, x.new_empty((0,), dtype=torch.bool)
         elif step_seed is not None and layer_key is not None:
-            mask = _seeded_mask(x, p, int(step_seed.item()), int(layer_key.item()), mask_length)
+            mask = _seeded_mask(x, p, step_seed, int(layer_key.item()), mask_length)
             dropped = _dropped(x, mask, p)
         else:
             # The mask from the same random stream as `F.dropout`, which calls native_dropout for these
@@ -108,20 +109,31 @@ def _(x, weight_a, weight_b, p, scaling, step_seed, layer_key, mask_length):
     return x.new_empty((*x.shape[:-1], weight_b.size(0)), dtype=weight_b.dtype), mask, hidden
 
 
-def _seeded_mask(x: torch.Tensor, p: float, step_seed: int, layer_key: int, mask_length: int) -> torch.Tensor:
+def _seeded_mask(
+    x: torch.Tensor, p: float, seeds: torch.Tensor, layer_key: int, mask_length: int
+) -> torch.Tensor:
     """The keep-mask of dropout with rate `p` for `x`, a pure function of the seeds and of each element's place.
 
-    For a [rows, positions, features] input the mask is drawn for `mask_length` positions (at least the
-    input's) and cut to the input's: the mask of a row then does not depend on how long the other rows of its
-    batch are, so a row padded to another length (a packed step's concatenated batch) draws the same mask.
+    `seeds` holds (seed, first row, rows): the micro-batch's seed, where this process's rows start in the
+    global micro-batch (rank x batch size under FSDP, 0 otherwise) and how many rows the global micro-batch
+    has. For a [rows, positions, features] input the mask is drawn for the global micro-batch and
+    `mask_length` positions (at least the input's), and this process's rows and positions are cut out: the
+    mask of a row then depends on neither the worker count nor how long the other rows of its batch are, so
+    N workers draw the masks one worker draws, and a row padded to another length (a packed step's
+    concatenated batch) draws the same mask.
     """
+    seed, first, rows = (int(v) for v in seeds.tolist())
     generator = torch.Generator(device=x.device)
-    generator.manual_seed((step_seed * 0x9E3779B97F4A7C15 + layer_key) % (2**63))
-    if x.dim() == 3 and mask_length > x.size(1):
-        shape = (x.size(0), mask_length, x.size(2))
-        mask = torch.empty(shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p, generator=generator)
-        return mask[:, : x.size(1)].contiguous()
-    return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p, generator=generator)
+    generator.manual_seed((seed * 0x9E3779B97F4A7C15 + layer_key) % (2**63))
+    if (
+        x.dim() != 3 or x.size(0) + first > rows
+    ):  # not a training micro-batch (or rows unknown): its own shape
+        return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(
+            1.0 - p, generator=generator
+        )
+    shape = (rows, max(mask_length, x.size(1)), x.size(2))
+    mask = torch.empty(shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p, generator=generator)
+    return mask[first : first + x.size(0), : x.size(1)].contiguous()
 
 
 def _dropped(x: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:
@@ -219,22 +231,29 @@ def _plain(module: torch.nn.Module, name: str) -> bool:
 
 
 class DropoutSeeds:
-    """Where the LoRA dropout masks of one adapter come from: a pure function of (seed, step, micro-batch, layer).
+    """Where the LoRA dropout masks of one adapter come from: a pure function of (seed, step, micro-batch,
+    row of the global micro-batch, layer).
 
     The loop sets the step and micro-batch before each forward (`set`); every routed layer combines them with
     its own key (a hash of its module path) inside `_lora_branch`. So a mask depends on nothing else: not on
-    the order in which layers or adapters run, not on what ran before, not on the other rows of the batch.
-    That makes a resumed run, an activation-checkpointing recomputation and an adapter trained in a pack
-    (`raylora.packed`) draw exactly the masks of the plain run. The seeds live in a CPU tensor that the
-    compiled layers read as an input, so a new step does not recompile them.
+    the order in which layers or adapters run, not on what ran before, not on how many workers share the
+    global batch, not on the other rows of a packed batch. That makes a resumed run, an activation
+    checkpointing recomputation, N workers and an adapter trained in a pack (`raylora.packed`) draw exactly
+    the masks of the plain one-worker run. The seeds live in a CPU tensor that the compiled layers read as an
+    input, so a new step does not recompile them.
+
+    Args:
+        seed: the run's seed (`training.seed`).
+        first_row: where this process's rows start in the global micro-batch (rank x batch size).
+        rows: the rows of the global micro-batch (workers x batch size).
     """
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, *, first_row: int = 0, rows: int = 0) -> None:
         self.seed = seed
-        self.tensor = torch.zeros(1, dtype=torch.int64)
+        self.tensor = torch.tensor([0, first_row, rows], dtype=torch.int64)
 
-    def set(self, step: int, micro_batch: int, rank: int = 0) -> None:
-        self.tensor.fill_(_mix(self.seed, step, micro_batch, rank))
+    def set(self, step: int, micro_batch: int) -> None:
+        self.tensor[0] = _mix(self.seed, step, micro_batch)
 
 
 def _mix(*parts: int | str) -> int:

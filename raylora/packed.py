@@ -233,7 +233,7 @@ class PackedTrainer:
             params=params,
             optimizer=optimizer,
             scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(config.training)),
-            seeds=DropoutSeeds(config.training.seed),
+            seeds=DropoutSeeds(config.training.seed, rows=config.training.batch_size),
             parameters={
                 TRAINABLE_PARAMS: float(trainable),
                 TOTAL_PARAMS: float(total),

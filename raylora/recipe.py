@@ -13,7 +13,7 @@ What a step computes:
 - The loss is the mean over every trained token of every micro-batch on every rank (`raylora.loss`), so
   N workers at batch B compute the same step as one worker at batch N*B.
 - Reproducibility: the data order is a pure function of (seed, step) (`raylora.data.iterate_batches`) and
-  every LoRA dropout mask a pure function of (seed, step, micro-batch, rank, layer)
+  every LoRA dropout mask a pure function of (seed, step, micro-batch, global row, layer)
   (`raylora.fastpath.DropoutSeeds`; the global RNG is also reseeded from (seed, step, rank) before every
   step, for layers peft runs itself), so a run resumed from a checkpoint at step k computes the same steps
   k+1.. as the uninterrupted run, without saving RNG state.
@@ -168,7 +168,10 @@ class LoraRecipe:
         # The same arithmetic as peft's LoRA layers, keeping each adapted layer's input once instead of a
         # dropped copy per layer, with dropout masks drawn from per-layer seeds (raylora.fastpath says why).
         install_lean_lora(model)
-        self.dropout_seeds = DropoutSeeds(cfg.training.seed)
+        batch = cfg.training.batch_size
+        self.dropout_seeds = DropoutSeeds(
+            cfg.training.seed, first_row=workers.rank * batch, rows=workers.world_size * batch
+        )
         seed_dropout(model, self.dropout_seeds, cfg.data.max_length)
         if cfg.training.fp8:
             convert_to_float8(decoder_layers(model))
@@ -210,7 +213,7 @@ class LoraRecipe:
         scale = workers.world_size / max(step_targets, 1.0)
         loss_sum = 0.0
         for index, micro_batch in enumerate(micro_batches):
-            self.dropout_seeds.set(self.global_step, index, workers.rank)
+            self.dropout_seeds.set(self.global_step, index)
             # Counted on the CPU: no device sync.
             self._throughput.window_tokens += int(micro_batch["attention_mask"].sum())
             micro_batch = {k: v.to(workers.device, non_blocking=True) for k, v in micro_batch.items()}
