@@ -14,7 +14,7 @@ Choices that shape the numbers:
   explicitly: bos (when the tokenizer has one) + text + eos. Chat examples take what the chat template
   renders, plus a bos in front if the template did not write one.
 - A record that cannot become a trainable example is an error, never skipped: missing or mistyped fields,
-  empty text, or nothing left to train after truncation. Up to `_MAX_PROBLEMS` of them are reported in one
+  empty text, or nothing left to train after truncation. Up to ten of them (`raylora.sources.capped`) are reported in one
   `ConfigError`, each naming the file, the record number and the field.
 - The eval split is drawn by record before packing, so an eval document never shares a row with a training
   document.
@@ -26,19 +26,16 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.resources
-import io
 import json
 import logging
-import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from raylora.config import ConfigError, DataConfig
+from raylora.sources import SUPPORTED_EXTENSIONS, RecordProblem, Source, capped, read_eval_source, read_source
 
 __all__ = [
     "IGNORE_INDEX",
@@ -58,7 +55,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-SUPPORTED_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 
 # The instruction format's prompt (Alpaca's section headers without its preamble sentence, which would cost
 # ~90 tokens per example on a byte-level tokenizer). The model is trained on the response and eos only;
@@ -68,10 +64,6 @@ PROMPT_TEMPLATE_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{in
 
 # Bump when the rendering of records into tokens changes, so that old fingerprints stop matching.
 _RENDERING_VERSION = "1"
-_MAX_PROBLEMS = 10
-_DEMO_FILES = {"chat": "demo_chat.jsonl"}  # every other format reads demo.jsonl (instruction records)
-# Names ending in these are taken for local paths even when they do not exist (hub ids never end so).
-_PATH_SUFFIXES = (*SUPPORTED_EXTENSIONS, ".txt", ".tsv", ".arrow", ".gz", ".zip", ".xlsx", ".xz", ".bz2")
 
 
 @dataclass
@@ -164,8 +156,8 @@ def load_data(data: DataConfig, tokenizer: Any, *, seed: int) -> TokenizedData:
             "assistant turns; load the model's fast tokenizer, or use format `instruction`"
         )
 
-    train_source = _read_source(data)
-    eval_source = _read_eval_source(data, hub=train_source.hub) if data.eval_path is not None else None
+    train_source = read_source(data)
+    eval_source = read_eval_source(data, hub=train_source.hub) if data.eval_path is not None else None
     for source, name in ((train_source, "data.path"), (eval_source, "data.eval_path")):
         if source is not None and not source.records:
             raise ConfigError(
@@ -181,13 +173,13 @@ def load_data(data: DataConfig, tokenizer: Any, *, seed: int) -> TokenizedData:
             try:
                 ids, trained = render(record.value, record.where, data, tokenizer)
                 example, was_truncated = _to_example(ids, trained, record.where, data.max_length)
-            except _RecordProblem as problem:
+            except RecordProblem as problem:
                 problems.append(str(problem))
                 continue
             truncated += was_truncated
             documents[split].append(example)
     if problems:
-        raise ConfigError(_capped(problems))
+        raise ConfigError(capped(problems))
 
     train_docs, eval_docs = documents["train"], documents["eval"]
     if eval_source is None:
@@ -229,8 +221,8 @@ def data_fingerprint(data: DataConfig) -> str:
 
     The sweep driver logs it on the parent run, so two sweeps on the same bytes and rendering match.
     """
-    train_source = _read_source(data)
-    eval_source = _read_eval_source(data, hub=train_source.hub) if data.eval_path is not None else None
+    train_source = read_source(data)
+    eval_source = read_eval_source(data, hub=train_source.hub) if data.eval_path is not None else None
     return _fingerprint(data, train_source, eval_source)
 
 
@@ -324,207 +316,6 @@ def eval_batches(
         yield _collate(rows, pad_id)
 
 
-# ---- reading records ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Record:
-    value: Any
-    where: str  # "data/train.jsonl record 17", for error messages
-
-
-@dataclass
-class _Source:
-    records: list[_Record]
-    label: str  # what the summary calls the source
-    digest: str  # sha256 of the bytes, or of the hub id + split + datasets fingerprint
-    hub: bool = False
-
-
-class _RecordProblem(Exception):
-    """One record that cannot become an example; collected, then raised together as a ConfigError."""
-
-
-def _read_source(data: DataConfig) -> _Source:
-    if data.path == "demo":
-        name = _DEMO_FILES.get(data.format, "demo.jsonl")
-        resource = importlib.resources.files("raylora") / "demo_data" / name
-        with importlib.resources.as_file(resource) as path:
-            return _read_files([path], label=f"demo ({name})", display=lambda p: name)
-    path = _local_path(data.path, "data.path")
-    if path is not None:
-        return _read_local(path, data.path, "data.path")
-    return _read_hub(data, data.split, "data.path")
-
-
-def _read_eval_source(data: DataConfig, *, hub: bool) -> _Source:
-    assert data.eval_path is not None
-    # Beside a hub dataset, an eval_path that is not a local file names another split of the same dataset.
-    if hub and not Path(data.eval_path).expanduser().exists():
-        return _read_hub(data, data.eval_path, "data.eval_path")
-    path = _local_path(data.eval_path, "data.eval_path", hub_allowed=False)
-    return _read_local(path, data.eval_path, "data.eval_path")
-
-
-def _local_path(value: str, field: str, *, hub_allowed: bool = True) -> Path | None:
-    """The local file or directory that `value` names; None when it should be read as a hub dataset id."""
-    path = Path(value).expanduser()
-    if path.exists():
-        if path.is_file() and _extension(path) not in SUPPORTED_EXTENSIONS:
-            kind = f"a {_extension(path)} file" if _extension(path) else "a file without an extension"
-            raise ConfigError(
-                f"`{field}` is {value!r}, {kind}; supported files are {', '.join(SUPPORTED_EXTENSIONS)} "
-                "(or a directory of them): convert it to one of those"
-            )
-        return path
-    looks_local = (
-        value.startswith((".", "~", "/", "\\"))
-        or os.path.isabs(value)
-        or value.lower().endswith(_PATH_SUFFIXES)
-        or value.count("/") > 1
-        or "\\" in value
-    )
-    if looks_local or not hub_allowed:
-        raise ConfigError(
-            f"`{field}` is {value!r}, which does not exist (looked for {path.absolute()}); give an existing "
-            f"{'/'.join(SUPPORTED_EXTENSIONS)} file or a directory of them"
-            + (
-                ", `demo` for the packaged demo data, or a hub dataset id like `owner/name`"
-                if hub_allowed
-                else ""
-            )
-        )
-    return None
-
-
-def _read_local(path: Path, value: str, field: str) -> _Source:
-    if path.is_file():
-        return _read_files([path], label=value, display=lambda p: value)
-    files, ignored = [], []
-    for p in sorted(path.rglob("*")):
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts):
-            (files if _extension(p) in SUPPORTED_EXTENSIONS else ignored).append(p)
-    if not files:
-        raise ConfigError(
-            f"`{field}` is {value!r}, a directory with no {', '.join(SUPPORTED_EXTENSIONS)} files in it; "
-            "put the data files there or point at a file"
-        )
-    if ignored:
-        logger.warning(
-            "%s: ignoring %d files of other types: %s", value, len(ignored), [str(p) for p in ignored]
-        )
-    return _read_files(files, label=value, display=str)
-
-
-def _read_files(paths: list[Path], *, label: str, display: Callable[[Path], str]) -> _Source:
-    digest = hashlib.sha256()
-    records: list[_Record] = []
-    problems: list[str] = []
-    for path in paths:
-        raw = path.read_bytes()
-        digest.update(hashlib.sha256(raw).digest())
-        name = display(path)
-        try:
-            values = _parse(raw, _extension(path), name)
-        except _RecordProblem as problem:
-            problems.extend(problem.args[0])
-            continue
-        for number, (value, line) in enumerate(values, start=1):
-            where = f"{name} record {number}" + (f" (line {line})" if line not in (None, number) else "")
-            records.append(_Record(value, where))
-    if problems:
-        raise ConfigError(_capped(problems))
-    return _Source(records=records, label=label, digest=digest.hexdigest())
-
-
-def _parse(raw: bytes, extension: str, name: str) -> list[tuple[Any, int | None]]:
-    """(record, 1-based line or None) pairs; raises _RecordProblem with a list of messages."""
-    try:
-        if extension in (".jsonl", ".json"):
-            text = raw.decode("utf-8-sig")
-        if extension == ".jsonl":
-            return _parse_json_lines(text, name)
-        if extension == ".json":
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError as error:
-                if error.msg == "Extra data":  # several top-level values: JSON lines in a .json file
-                    return _parse_json_lines(text, name)
-                raise _RecordProblem(
-                    [f"{name} line {error.lineno}: not valid JSON ({error.msg}, column {error.colno})"]
-                ) from None
-            if not isinstance(value, list):
-                raise _RecordProblem(
-                    [
-                        f"{name}: expected a JSON array of records at the top level, got "
-                        f"{type(value).__name__}; write the records as an array, or one per line as .jsonl"
-                    ]
-                )
-            return [(v, None) for v in value]
-        if extension == ".csv":
-            import pandas as pd
-
-            # Every cell as a string and empty cells as "": CSV has no types, and "NA" is a word, not a null.
-            try:
-                frame = pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False, encoding="utf-8")
-            except pd.errors.EmptyDataError:
-                return []
-            return [(row, None) for row in frame.to_dict("records")]
-        if extension == ".parquet":
-            import pyarrow.parquet as pq
-
-            return [(row, None) for row in pq.read_table(io.BytesIO(raw)).to_pylist()]
-    except UnicodeDecodeError as error:
-        raise _RecordProblem([f"{name}: not UTF-8 text ({error.reason} at byte {error.start})"]) from None
-    except _RecordProblem:
-        raise
-    except Exception as error:  # pandas / pyarrow parse errors: name the file, keep their message
-        raise _RecordProblem([f"{name}: cannot read it as {extension[1:]}: {error}"]) from None
-    raise AssertionError(extension)
-
-
-def _parse_json_lines(text: str, name: str) -> list[tuple[Any, int | None]]:
-    values, problems = [], []
-    # split("\n"), not splitlines(): JSON strings may hold U+2028 and friends, which splitlines() breaks on.
-    for line_number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            values.append((json.loads(line), line_number))
-        except json.JSONDecodeError as error:
-            problems.append(
-                f"{name} line {line_number}: not valid JSON ({error.msg}, column {error.colno}); "
-                "each line of a JSON-lines file must be one complete JSON object"
-            )
-    if problems:
-        raise _RecordProblem(problems)
-    return values
-
-
-def _read_hub(data: DataConfig, split: str, field: str) -> _Source:
-    import datasets
-
-    try:
-        dataset = datasets.load_dataset(data.path, name=data.subset, split=split)
-    except Exception as error:  # no such dataset/split/subset, no network: all one fix for the user
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        value = data.path if field == "data.path" else split
-        raise ConfigError(
-            f"`{field}` is {value!r}, which is not a local file or directory and could not be loaded as a "
-            f"hub dataset (path {data.path!r}, subset {data.subset!r}, split {split!r}): {reason}; give an "
-            f"existing {'/'.join(SUPPORTED_EXTENSIONS)} file or directory, `demo`, or a reachable hub "
-            "dataset id with `data.subset` and `data.split` set to ones it has"
-        ) from error
-    label = f"{data.path}[{split}]" if data.subset is None else f"{data.path}/{data.subset}[{split}]"
-    records = [_Record(row, f"{label} record {i}") for i, row in enumerate(dataset.to_list(), start=1)]
-    key = json.dumps([data.path, data.subset, split, getattr(dataset, "_fingerprint", None)])
-    return _Source(records=records, label=label, digest=hashlib.sha256(key.encode()).hexdigest(), hub=True)
-
-
-def _extension(path: Path) -> str:
-    return path.suffix.lower()
-
-
 # ---- rendering records into tokens -------------------------------------------------------------------------
 
 
@@ -555,7 +346,7 @@ def _render_chat(value: Any, where: str, data: DataConfig, tokenizer: Any) -> tu
         raise _missing(record, name, "data.messages_field", where)
     messages = record[name]
     if not isinstance(messages, list) or not messages:
-        raise _RecordProblem(
+        raise RecordProblem(
             f"{where}: field `{name}` must be a non-empty list of {{role, content}} objects, got "
             f"{_show(messages)}"
         )
@@ -565,13 +356,13 @@ def _render_chat(value: Any, where: str, data: DataConfig, tokenizer: Any) -> tu
             and isinstance(message.get("role"), str)
             and isinstance(message.get("content"), str)
         ):
-            raise _RecordProblem(
+            raise RecordProblem(
                 f"{where}: message {k} of `{name}` must be an object with string `role` and `content`, got "
                 f"{_show(message)}"
             )
     assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if not assistant:
-        raise _RecordProblem(
+        raise RecordProblem(
             f"{where}: `{name}` has no message with role 'assistant'; the chat format trains on assistant "
             "turns only, so this record would train nothing: add the answer or remove the record"
         )
@@ -580,7 +371,7 @@ def _render_chat(value: Any, where: str, data: DataConfig, tokenizer: Any) -> tu
         try:
             return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=prompt)
         except Exception as error:  # jinja raise_exception(), e.g. "roles must alternate"
-            raise _RecordProblem(f"{where}: the chat template rejected the messages: {error}") from None
+            raise RecordProblem(f"{where}: the chat template rejected the messages: {error}") from None
 
     # The trained span of assistant turn i is what rendering messages[:i+1] adds to rendering messages[:i]
     # with the generation prompt: its content and closing tokens, without the assistant header.
@@ -589,7 +380,7 @@ def _render_chat(value: Any, where: str, data: DataConfig, tokenizer: Any) -> tu
     for i in assistant:
         before, through = render(messages[:i], True), render(messages[: i + 1], False)
         if not (through.startswith(before) and text.startswith(through)):
-            raise _RecordProblem(
+            raise RecordProblem(
                 f"{where}: the chat template does not render message {i + 1} as a continuation of the "
                 "messages before it, so its tokens cannot be located; use a chat template that renders "
                 "conversations append-only, or format `text`"
@@ -617,7 +408,7 @@ def _to_example(ids: list[int], trained: list[bool], where: str, max_length: int
     truncated = len(ids) > max_length
     ids, labels = ids[:max_length], labels[:max_length]
     if all(label == IGNORE_INDEX for label in labels):
-        raise _RecordProblem(
+        raise RecordProblem(
             f"{where}: no trained tokens left after truncation to `data.max_length` = {max_length} "
             f"(the untruncated example is {len(trained)} tokens, the prompt "
             f"{trained.index(True) if True in trained else len(trained)} of them); raise `data.max_length` "
@@ -628,7 +419,7 @@ def _to_example(ids: list[int], trained: list[bool], where: str, max_length: int
 
 def _as_record(value: Any, where: str) -> dict:
     if not isinstance(value, dict):
-        raise _RecordProblem(f"{where}: expected an object with named fields, got {_show(value)}")
+        raise RecordProblem(f"{where}: expected an object with named fields, got {_show(value)}")
     return value
 
 
@@ -639,18 +430,18 @@ def _string_field(record: dict, name: str, config_field: str, where: str, *, req
             raise _missing(record, name, config_field, where)
         return ""
     if not isinstance(value, str):
-        raise _RecordProblem(
+        raise RecordProblem(
             f"{where}: field `{name}` must be a string, got {_show(value)}; fix the record or point "
             f"`{config_field}` at a text field"
         )
     if required and not value.strip():
-        raise _RecordProblem(f"{where}: field `{name}` is empty; fill it in or remove the record")
+        raise RecordProblem(f"{where}: field `{name}` is empty; fill it in or remove the record")
     return value
 
 
-def _missing(record: dict, name: str, config_field: str, where: str) -> _RecordProblem:
+def _missing(record: dict, name: str, config_field: str, where: str) -> RecordProblem:
     message = "null" if name in record else "missing"
-    return _RecordProblem(
+    return RecordProblem(
         f"{where}: {message} field `{name}` (`{config_field}` = {name!r}); records have: "
         f"{', '.join(sorted(map(str, record))) or 'no fields'}; "
         f"set `{config_field}` to the field that holds it"
@@ -674,12 +465,6 @@ def _bos(tokenizer: Any) -> list[int]:
 def _eos(tokenizer: Any) -> list[int]:
     eos = getattr(tokenizer, "eos_token_id", None)
     return [] if eos is None else [eos]
-
-
-def _capped(problems: list[str]) -> list[str]:
-    if len(problems) <= _MAX_PROBLEMS:
-        return problems
-    return [*problems[:_MAX_PROBLEMS], f"... and {len(problems) - _MAX_PROBLEMS} more problems like these"]
 
 
 # ---- splitting, packing, batching --------------------------------------------------------------------------
@@ -785,7 +570,7 @@ def _derive_seed(*parts: Any) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def _fingerprint(data: DataConfig, train: _Source, eval_: _Source | None) -> str:
+def _fingerprint(data: DataConfig, train: Source, eval_: Source | None) -> str:
     fields = {
         name: getattr(data, name)
         for name in (

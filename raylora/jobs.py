@@ -18,20 +18,18 @@ job's temporary working directory.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
 import os
 import secrets
 import shlex
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from raylora.config import ConfigError
+from raylora.raycompat import package_size, quiet_packaging_logs, upload_limit_bytes
 from raylora.redaction import REDACTED, is_secret_name, redact
 
 __all__ = [
@@ -288,7 +286,7 @@ def submit_sweep(
     for warning in _where_results_go(sweep, storage_path, tracking_uri if mlflow else "", env_vars):
         progress(f"warning: {warning}")
     progress(f"packing {root} (excludes: {', '.join(all_excludes)})")
-    with _quiet_ray_packaging():
+    with quiet_packaging_logs():
         package_bytes = check_upload_size(root, all_excludes)
         client = connect(address)
         relative = sweep_path.relative_to(root).as_posix()
@@ -315,21 +313,6 @@ def submit_sweep(
         package_bytes=package_bytes,
         env={k: (REDACTED if is_secret_name(k) else redact(v)) for k, v in env_vars.items()},
     )
-
-
-@contextlib.contextmanager
-def _quiet_ray_packaging() -> Iterator[None]:
-    """Ray logs every ignore file it reads, several times per upload; our own line says what is packed."""
-    names = ("ray._private.runtime_env", "ray.dashboard.modules.dashboard_sdk")
-    loggers = [logging.getLogger(name) for name in names]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
 
 
 def _run_args(
@@ -403,34 +386,29 @@ def _new_job_id(sweep_name: str) -> str:
 def check_upload_size(root: Path, excludes: Sequence[str]) -> int | None:
     """Zip `root` the way the job upload will, and refuse it before uploading if Ray would reject it.
 
-    Returns the package size in bytes, or None where this Ray version does not expose its packer.
+    Returns the package size in bytes, or None (with a warning) where this Ray moved the packer that
+    `raylora.raycompat` measures with: the upload itself then reports an oversize package.
 
     Raises:
         JobError: the package reaches Ray's limit; the message lists the largest entries to exclude.
     """
     try:
-        from ray._private.ray_constants import (
-            RAY_RUNTIME_ENV_IGNORE_GITIGNORE,
-            get_runtime_env_default_excludes,
+        size = package_size(root, excludes)
+        limit = upload_limit_bytes()
+    except (ImportError, AttributeError) as error:
+        print(
+            f"raylora: warning: cannot measure the upload before sending it ({type(error).__name__}: {error}); "
+            "an oversize working directory will be refused by the cluster instead",
+            file=sys.stderr,
         )
-        from ray._private.runtime_env.packaging import GCS_STORAGE_MAX_SIZE, create_package
-    except ImportError:  # a Ray without the (internal) packer: the upload itself reports an oversize package
         return None
-    excludes = [*get_runtime_env_default_excludes(), *excludes]
-    include_gitignore = os.environ.get(RAY_RUNTIME_ENV_IGNORE_GITIGNORE, "0") != "1"
-    with tempfile.TemporaryDirectory(prefix="raylora-pkg-") as tmp:
-        package = Path(tmp) / "package.zip"
-        create_package(
-            str(root), package, include_gitignore=include_gitignore, excludes=list(excludes), logger=None
-        )
-        size = package.stat().st_size
-    if size < GCS_STORAGE_MAX_SIZE:
+    if size < limit:
         return size
     largest = sorted(_entry_sizes(root), key=lambda item: item[1], reverse=True)[:5]
     listing = ", ".join(f"{name} ({_mib(n)})" for name, n in largest)
     raise JobError(
         f"the working directory {root} packs to {_mib(size)}, over Ray's upload limit of "
-        f"{_mib(GCS_STORAGE_MAX_SIZE)}. Largest entries: {listing}. Leave them out with "
+        f"{_mib(limit)}. Largest entries: {listing}. Leave them out with "
         "`--exclude PATTERN` (or a .rayignore file), keep data and models on shared storage or the hub, "
         "or pass a smaller `--working-dir`"
     )

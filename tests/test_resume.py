@@ -109,3 +109,13 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path
     assert continued == list(range(continued[0], 101, 10)), steps
     assert _steps(dirs[2]) == FULL
     assert "best trial" in resumed.stdout and "(resuming)" in resumed.stdout
+
+
+def test_the_trainable_keeps_the_name_that_earlier_sweeps_were_started_with():
+    # Tune records the trainable's name with a sweep, and `Tuner.restore` refuses a trainable with another
+    # one: renaming the trial function would break `--resume` of every sweep started before the rename.
+    from ray.tune.experiment import Experiment
+
+    from raylora.sweep.trial import _run_trial
+
+    assert Experiment.get_trainable_name(_run_trial) == "_run_trial"

@@ -1,0 +1,189 @@
+"""Running a sweep: the Ray Tune `Tuner` built from a `Sweep`, started fresh or restored.
+
+`run_sweep` is the one entry point: validate the sweep (against the base model too), join or start Ray,
+check the cluster (`raylora.sweep.cluster`), then hand Tune a trial function (`raylora.sweep.trial`) with
+the plain-data spec each trial needs and the resources it reserves. Where results live is decided here
+once (`experiment_path`), so that `raylora run --resume`, the MLflow logger and `raylora report` all find
+the same directory. Ray is imported inside the functions: importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from raylora.config import ConfigError
+from raylora.names import STEP
+from raylora.sweep.cluster import check_cluster
+from raylora.sweep.spec import TRAINER_DRIVER_CPU, Resources, Sweep
+from raylora.sweep.summary import SweepResult, summarise
+from raylora.sweep.trial import _run_trial
+
+__all__ = ["experiment_path", "run_sweep"]
+
+
+def run_sweep(
+    sweep: Sweep,
+    *,
+    address: str | None = None,
+    resume: bool = False,
+    callbacks: Iterable[Any] = (),
+    verbose: int = 1,
+) -> SweepResult:
+    """Run (or with `resume=True` continue) a sweep on a Ray cluster and return its trials.
+
+    Args:
+        sweep: the sweep definition; validated, against the cluster too, before any trial starts.
+        address: a Ray cluster to join (``auto``, ``ray://`` or ``host:port``); default `RAY_ADDRESS`, else
+            a local cluster started in this process.
+        resume: continue the experiment under `sweep.storage_path/sweep.name` (`Tuner.restore`): finished
+            trials are kept, interrupted ones resume from their last checkpoint, errored ones are retried.
+        callbacks: extra Ray Tune callbacks (the MLflow logger is one), run on this driver process.
+        verbose: Ray Tune's verbosity (0 silent, 1 status table, 2 results).
+
+    Raises:
+        ConfigError: the sweep is invalid, or asks for resources the cluster can never satisfy.
+    """
+    from ray import tune
+
+    sweep.validate(against_model=True)
+    storage = _storage_uri(sweep.storage_path)
+    _init_ray(address)
+    check_cluster(sweep, storage)
+
+    trainable = tune.with_resources(
+        tune.with_parameters(_run_trial, sweep_spec=_sweep_spec(sweep, storage)),
+        _trial_resources(sweep.resources),
+    )
+    experiment_path = _join(storage, sweep.name)
+    if resume:
+        if not tune.Tuner.can_restore(experiment_path):
+            raise ConfigError(
+                f"`--resume`: no sweep to resume at {experiment_path}; run it without --resume first "
+                "(or check `sweep.storage_path` and `sweep.name`)"
+            )
+        tuner = tune.Tuner.restore(
+            experiment_path,
+            trainable=trainable,
+            param_space=sweep.search_space,
+            resume_unfinished=True,
+            resume_errored=True,
+        )
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=sweep.search_space,
+            tune_config=_tune_config(sweep),
+            run_config=tune.RunConfig(
+                name=sweep.name,
+                storage_path=storage,
+                failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
+                checkpoint_config=tune.CheckpointConfig(
+                    num_to_keep=sweep.keep_checkpoints,
+                    checkpoint_score_attribute=sweep.metric,
+                    checkpoint_score_order=sweep.mode,
+                ),
+                callbacks=list(callbacks),
+                verbose=verbose,
+            ),
+        )
+    grid = tuner.fit()
+    return summarise(sweep, grid, experiment_path)
+
+
+def experiment_path(sweep: Sweep) -> str:
+    """Where Ray Tune keeps this sweep's trials: `<storage_path>/<name>` (a local path made absolute)."""
+    return _join(_storage_uri(sweep.storage_path), sweep.name)
+
+
+def _init_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    # Workers import raylora from this environment; quieter logs keep the trial table readable.
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=True)
+
+
+def _storage_uri(path: str) -> str:
+    if "://" in path:
+        return path
+    return str(Path(path).expanduser().resolve())
+
+
+def _join(storage: str, name: str) -> str:
+    return f"{storage.rstrip('/')}/{name}"
+
+
+def _sweep_spec(sweep: Sweep, storage: str) -> dict[str, Any]:
+    """What a trial needs, as plain data: it crosses into Ray actors."""
+    base = sweep.base.to_dict()
+    # Trials run with the trial directory as their working directory: pin relative local paths here.
+    for section, key in (("model", "name_or_path"), ("data", "path"), ("data", "eval_path")):
+        value = base[section][key]
+        if isinstance(value, str) and value and Path(value).exists():
+            base[section][key] = str(Path(value).resolve())
+    return {
+        "name": sweep.name,
+        "base": base,
+        "resources": dataclasses.asdict(sweep.resources),
+        "storage": storage,
+        "max_failures": sweep.max_failures,
+        "keep_checkpoints": sweep.keep_checkpoints,
+        "metric": sweep.metric,
+        "mode": sweep.mode,
+    }
+
+
+def _trial_resources(resources: Resources):
+    from ray import tune
+
+    if resources.workers == 1:
+        return {"cpu": resources.cpus_per_worker, "gpu": resources.gpus_per_worker}
+    # The trial's own process only drives the TorchTrainer; its workers reserve their own resources.
+    return tune.PlacementGroupFactory([{"CPU": TRAINER_DRIVER_CPU}])
+
+
+def _tune_config(sweep: Sweep):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if sweep.scheduler == "asha":
+        scheduler = ASHAScheduler(
+            time_attr=STEP,
+            max_t=sweep.base.training.max_steps,
+            grace_period=sweep.grace_period,
+            reduction_factor=sweep.reduction_factor,
+        )
+    else:
+        scheduler = FIFOScheduler()
+    search_alg = None
+    if sweep.search_alg == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(seed=sweep.seed)
+    elif sweep.search_alg == "random" and sweep.seed is not None:
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        search_alg = BasicVariantGenerator(random_state=sweep.seed)
+    return tune.TuneConfig(
+        metric=sweep.metric,
+        mode=sweep.mode,
+        search_alg=search_alg,
+        scheduler=scheduler,
+        num_samples=sweep.num_samples,
+        max_concurrent_trials=sweep.max_concurrent_trials,
+        # 1-worker trials run in the trial's own process: reusing it for the next trial skips a process
+        # start and the torch/transformers imports (seconds per trial). N-worker trials start their own
+        # worker group anyway.
+        reuse_actors=sweep.resources.workers == 1,
+        trial_name_creator=lambda trial: f"{sweep.name}_{trial.trial_id}",
+        trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}",
+    )
