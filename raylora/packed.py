@@ -74,7 +74,7 @@ from raylora.recipe import (
     peak_memory_gib,
 )
 
-__all__ = ["PackedRows", "PackedTrainer", "pack_key", "pack_problems"]
+__all__ = ["PackedRows", "PackedStep", "PackedTrainer", "pack_key", "pack_problems"]
 
 # Config fields that every adapter of a pack shares with the pack: they shape the frozen base, the tokenized
 # data or the numerics of the shared forward pass.
@@ -113,6 +113,14 @@ def pack_problems(config: FinetuneConfig) -> list[str]:
     if config.training.compile not in ("auto", "off"):
         problems.append(f"`training.compile` is {config.training.compile!r}; packed layers run eagerly")
     return problems
+
+
+@dataclass
+class PackedStep:
+    """What one packed step did: the adapters that completed an optimizer step, and those that diverged."""
+
+    stepped: dict[str, dict[str, float]] = field(default_factory=dict)
+    failed: dict[str, NonFiniteLossError] = field(default_factory=dict)
 
 
 class PackedRows:
@@ -257,19 +265,17 @@ class PackedTrainer:
 
     # ---- one packed step ----------------------------------------------------------------------------------------
 
-    def step(self) -> dict[str, dict[str, float]]:
+    def step(self) -> PackedStep:
         """One micro-batch of every active (not paused) adapter through the base together.
 
-        Returns, by adapter name, the step metrics (train loss, gradient norm) of each adapter that completed
-        an optimizer step now, its gradient accumulation done.
-
-        Raises:
-            NonFiniteLossError: an adapter's loss became NaN or infinite; its name is in the message and
-                its `global_step` says where.
+        Returns the step metrics (train loss, gradient norm) of each adapter that completed an optimizer step
+        now, its gradient accumulation done, and the adapters whose loss became NaN or infinite: those have
+        not stepped; the caller takes them out of the pack. The other adapters are untouched by them.
         """
+        result = PackedStep()
         active = [a for a in self.adapters.values() if not a.paused]
         if not active:
-            return {}
+            return result
         started = time.perf_counter()
         micro_batches = [self._next_micro_batch(adapter) for adapter in active]
         batch = _concatenate(micro_batches, self.tokenizer.pad_token_id)
@@ -287,24 +293,25 @@ class PackedTrainer:
         total = None
         for adapter, micro_batch, (_, start, end, _) in zip(active, micro_batches, rows, strict=True):
             width = micro_batch["labels"].size(1)  # the adapter's own row width, without the pack's padding
-            own = ModelOutput(
-                output.hidden[start:end, :width], self._head(adapter.name, output), output.autocast_dtype
-            )
-            loss = token_loss_sum(
-                own, batch["labels"][start:end, :width], adapter.config.training.label_smoothing
-            )
+            head = self._head(adapter.name, output)
+            own = ModelOutput(output.hidden[start:end, :width], head, output.autocast_dtype)
+            labels = batch["labels"][start:end, :width]
+            loss = token_loss_sum(own, labels, adapter.config.training.label_smoothing)
             adapter.loss_sum += loss.detach()
             scaled = loss / max(adapter.step_targets, 1.0)
             total = scaled if total is None else total + scaled
         total.backward()
         share = (time.perf_counter() - started) / len(active)
-        results: dict[str, dict[str, float]] = {}
         for adapter in active:
             adapter.micro += 1
-            if adapter.micro == adapter.config.training.grad_accum_steps:
-                results[adapter.name] = self._optimizer_step(adapter)
             adapter.train_time += share
-        return results
+            if adapter.micro < adapter.config.training.grad_accum_steps:
+                continue
+            try:
+                result.stepped[adapter.name] = self._optimizer_step(adapter)
+            except NonFiniteLossError as error:
+                result.failed[adapter.name] = error
+        return result
 
     def _next_micro_batch(self, adapter: _Adapter) -> dict[str, torch.Tensor]:
         if adapter.micro == 0:
@@ -318,19 +325,20 @@ class PackedTrainer:
 
     def _optimizer_step(self, adapter: _Adapter) -> dict[str, float]:
         cfg = adapter.config.training
+        adapter.micro = 0
+        # note: float() is a device-host sync point, once per optimizer step of each adapter
+        train_loss = float(adapter.loss_sum) / max(adapter.step_targets, 1.0)
+        if not math.isfinite(train_loss):
+            adapter.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(
+                f"adapter {adapter.name!r}: train loss is {train_loss} at step {adapter.global_step + 1}; lower "
+                f"`training.learning_rate` (now {cfg.learning_rate}) or set `training.max_grad_norm`"
+            )
         grad_norm = clip_and_measure(adapter.params, cfg.max_grad_norm)
         adapter.optimizer.step()
         adapter.scheduler.step()
         adapter.optimizer.zero_grad(set_to_none=True)
         adapter.global_step += 1
-        adapter.micro = 0
-        # note: float() is a device-host sync point, once per optimizer step of each adapter
-        train_loss = float(adapter.loss_sum) / max(adapter.step_targets, 1.0)
-        if not math.isfinite(train_loss):
-            raise NonFiniteLossError(
-                f"adapter {adapter.name!r}: train loss is {train_loss} at step {adapter.global_step}; lower "
-                f"`training.learning_rate` (now {cfg.learning_rate}) or set `training.max_grad_norm`"
-            )
         return {TRAIN_LOSS: train_loss, GRAD_NORM: grad_norm}
 
     # ---- per adapter: metrics, eval, checkpoints ------------------------------------------------------------
