@@ -154,6 +154,7 @@ class _Adapter:
     window_start: float = field(default_factory=time.perf_counter)
     tokens_seen: float = 0.0
     train_time: float = 0.0
+    first_step_at: float | None = None  # wall clock (unix seconds) when its first step began
     paused: bool = False
 
     def __post_init__(self) -> None:
@@ -211,7 +212,7 @@ class PackedTrainer:
             raise ConfigError([f"adapter {name!r} cannot join the pack: {p}" for p in problems])
         from peft import get_peft_model
 
-        peft_config, targets = lora_config(unwrap(self.model or self.base), config.adapter)
+        peft_config, targets = lora_config(unwrap(self._current()), config.adapter)
         torch.manual_seed(config.training.seed)  # the adapter's initial weights, as in the solo run
         if self.model is None:
             self.model = get_peft_model(self.base, peft_config, adapter_name=name)
@@ -261,7 +262,23 @@ class PackedTrainer:
             return
         adapter.optimizer.state.clear()
         adapter.params.clear()
-        self.model.delete_adapter(name)
+        if self.adapters:
+            self.model.delete_adapter(name)
+        else:
+            # peft keeps no model without an adapter: back to the bare base, which the next adapter wraps anew.
+            # `unload()` keeps the active adapter's trained copy of a module trained in full: put the frozen
+            # original back.
+            from peft.utils.other import ModulesToSaveWrapper
+
+            originals = [
+                (path, module.original_module)
+                for path, module in unwrap(self.model).named_modules()
+                if isinstance(module, ModulesToSaveWrapper)
+            ]
+            self.base = self.model.unload()
+            for path, original in originals:
+                self.base.set_submodule(path, original)
+            self.model = None
 
     # ---- one packed step ----------------------------------------------------------------------------------------
 
@@ -277,6 +294,9 @@ class PackedTrainer:
         if not active:
             return result
         started = time.perf_counter()
+        for adapter in active:
+            if adapter.first_step_at is None:
+                adapter.first_step_at = time.time()
         micro_batches = [self._next_micro_batch(adapter) for adapter in active]
         batch = _concatenate(micro_batches, self.tokenizer.pad_token_id)
         rows, first = [], 0
@@ -462,6 +482,10 @@ class PackedTrainer:
             start=start,
         )
 
+    def _current(self) -> torch.nn.Module:
+        """The model as it stands: the peft model while adapters are in the pack, else the bare base."""
+        return self.model if self.model is not None else self.base
+
     def _head(self, name: str, output: ModelOutput | None) -> torch.nn.Module | None:
         """The output head adapter `name` trains against: its own copy if it trains the head, else the frozen one."""
         if output is not None and output.head is None:
@@ -477,7 +501,7 @@ class PackedTrainer:
     def _modules_to_save_problems(self, config: FinetuneConfig) -> list[str]:
         # Only the output head can be trained in full by one adapter of a pack: the loss applies each
         # adapter's own copy of it to that adapter's rows. Any other module would run on every row.
-        model = unwrap(self.model or self.base)
+        model = unwrap(self._current())
         head = model.get_output_embeddings()
         head_names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if m is head}
         others = [m for m in config.adapter.modules_to_save if m not in head_names and m != "lm_head"]
@@ -486,7 +510,7 @@ class PackedTrainer:
             problems.append(
                 f"`adapter.modules_to_save` names {others}; in a pack only the output head can be"
             )
-        if chunkable_head(self.model or self.base) is None:
+        if chunkable_head(self._current()) is None:
             problems.append(
                 f"`adapter.modules_to_save` trains the output head of a {model.config.model_type} model, whose "
                 "logits the loss does not compute itself"

@@ -140,6 +140,14 @@ def test_an_adapter_leaves_and_another_joins_without_disturbing_the_rest(tmp_pat
     train(config, reporter=alone)
     assert losses == pytest.approx([alone.train[s] for s in range(4, 7)], rel=1e-5)
 
+    # Every adapter leaves (the engine waits for trials); the next one starts from its own initial weights.
+    trainer.remove("trial_a")
+    trainer.remove("trial_c")
+    assert trainer.adapters == {} and trainer.model is None
+    trainer.add("trial_d", configs["trial_a"])
+    first = [trainer.step().stepped["trial_d"][TRAIN_LOSS] for _ in range(3)]
+    assert first == pytest.approx([alone.train[s] for s in range(1, 4)], rel=1e-5)
+
 
 def test_a_packed_checkpoint_resumes_solo_on_the_same_trajectory(tmp_path):
     fields = ADAPTERS["trial_c"]

@@ -29,12 +29,23 @@ import queue
 import shutil
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from raylora.config import ConfigError, FinetuneConfig
-from raylora.names import EVAL_LOSS, EVAL_PERPLEXITY, PACK_ENGINE, PACK_SIZE, STEP, TRAIN_HISTORY, WALL_TIME_S
+from raylora.names import (
+    EVAL_LOSS,
+    EVAL_PERPLEXITY,
+    FIRST_STEP_AT,
+    PACK_ENGINE,
+    PACK_SIZE,
+    SETUP_TIME_S,
+    STEP,
+    TRAIN_HISTORY,
+    WALL_TIME_S,
+)
 
 __all__ = ["engine_prefix", "run_packed_trial", "stop_engines"]
 
@@ -167,6 +178,7 @@ class _Member:
     config: FinetuneConfig
     events: queue.Queue
     joined: float
+    joined_at: float  # the same moment, wall clock (unix seconds)
     history: list[dict[str, float]]
     logged: dict[str, float]
     waiting_since: float | None = None  # paused for the trial's answer to an eval report since
@@ -213,7 +225,7 @@ def _engine_class():
             self.name = name
             self._admission = _Admission(cap)
             self._cond = threading.Condition()
-            self._waiting: list[tuple[str, FinetuneConfig, Any]] = []
+            self._waiting: list[tuple[str, FinetuneConfig, Any, float]] = []
             self._members: dict[str, _Member] = {}
             self._leaving: set[str] = set()
             self._trainer = None
@@ -235,7 +247,7 @@ def _engine_class():
                 key = pack_key(FinetuneConfig.from_dict(config))
                 if self._key is not None and key != self._key:
                     return None
-                if name in self._members or any(n == name for n, _, _ in self._waiting):
+                if name in self._members or any(w[0] == name for w in self._waiting):
                     return 0.0  # a retry of a trial it holds
                 device = self._trainer.workers.device if self._trainer is not None else None
                 slots = self._admission.capacity(len(self._members), device)
@@ -250,7 +262,7 @@ def _engine_class():
                     self._key = pack_key(parsed)
                 if name in self._members:  # a retried trial: drop the adapter of its failed attempt
                     self._leaving.add(name)
-                self._waiting.append((name, parsed, checkpoint))
+                self._waiting.append((name, parsed, checkpoint, time.time()))
                 self._queues[name] = queue.Queue()  # nothing an earlier attempt left behind
                 self._cond.notify_all()
 
@@ -288,7 +300,7 @@ def _engine_class():
                 return {
                     "name": self.name,
                     "adapters": sorted(self._members),
-                    "waiting": [n for n, _, _ in self._waiting],
+                    "waiting": [w[0] for w in self._waiting],
                     "cap": self._admission.cap,
                     "peak_memory_bytes": torch.cuda.max_memory_allocated(device)
                     if device.type == "cuda"
@@ -321,6 +333,7 @@ def _engine_class():
                 try:
                     step = self._trainer.step()
                 except Exception as error:  # an OOM or a broken batch: every adapter of the step is affected
+                    traceback.print_exc()
                     self._fail_all(error)
                     continue
                 active = len(self._trainer.adapters)
@@ -342,7 +355,7 @@ def _engine_class():
                 active = len(self._trainer.adapters) if self._trainer is not None else 0
                 if device is not None and not self._admission.room(active, device):
                     return
-                name, config, checkpoint = self._waiting.pop(0)
+                name, config, checkpoint, joined_at = self._waiting.pop(0)
                 events = self._events(name)
                 try:
                     if self._trainer is None:
@@ -351,9 +364,10 @@ def _engine_class():
                     resume_dir = _local_copy(checkpoint, config) if checkpoint is not None else None
                     self._trainer.add(name, config, resume_from=resume_dir)
                 except Exception as error:
+                    traceback.print_exc()  # the engine's log (the Ray dashboard's actor logs) keeps the trace
                     events.put({"error": f"{type(error).__name__}: {error}", "nonfinite": False})
                     continue
-                self._members[name] = _Member(config, events, time.monotonic(), [], {})
+                self._members[name] = _Member(config, events, time.monotonic(), joined_at, [], {})
 
         def _apply_leaves(self) -> None:
             for name in list(self._leaving):
@@ -379,6 +393,10 @@ def _engine_class():
             last_step = step >= cfg.max_steps
             if step % cfg.log_every == 0 or last_step:
                 member.logged = trainer.train_metrics(name, metrics)
+                # The trial's fixed cost: from joining (waiting for a slot and the base's load included) to
+                # its first step.
+                member.logged[FIRST_STEP_AT] = adapter.first_step_at
+                member.logged[SETUP_TIME_S] = adapter.first_step_at - member.joined_at
                 member.history.append(dict(member.logged))
             if step % cfg.eval_every != 0 and not last_step:
                 return
