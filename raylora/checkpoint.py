@@ -30,7 +30,16 @@ from raylora.config import ConfigError, FinetuneConfig
 from raylora.distributed import Workers
 from raylora.names import ADAPTER_RUN_CONFIG, CHECKPOINT_STATE_FILE
 
-__all__ = ["latest_checkpoint", "load_checkpoint", "save_adapter", "save_checkpoint"]
+__all__ = [
+    "checkpoint_dir",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "read_trainer_state",
+    "save_adapter",
+    "save_checkpoint",
+    "write_run_files",
+    "write_trainer_state",
+]
 
 _CHECKPOINT_PREFIX = "step-"
 # Checkpoints kept under `output_dir/checkpoints`: the newest and the one before it.
@@ -60,11 +69,18 @@ def save_adapter(
     if workers.is_main:
         directory.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(str(directory), state_dict=state)
-        tokenizer.save_pretrained(str(directory))
-        _write_json(
-            directory / ADAPTER_RUN_CONFIG, {**config.to_dict(), "resolved_target_modules": target_modules}
-        )
+        write_run_files(directory, tokenizer, config, target_modules)
     return state
+
+
+def write_run_files(
+    directory: Path, tokenizer: Any, config: FinetuneConfig, target_modules: list[str]
+) -> None:
+    """What an adapter directory holds beside peft's files: the tokenizer and the resolved run config."""
+    tokenizer.save_pretrained(str(directory))
+    _write_json(
+        directory / ADAPTER_RUN_CONFIG, {**config.to_dict(), "resolved_target_modules": target_modules}
+    )
 
 
 def save_checkpoint(
@@ -78,26 +94,71 @@ def save_checkpoint(
     workers: Workers,
 ) -> Path:
     """Write `output_dir/checkpoints/step-NNNNNN/` and return it; older checkpoints beyond the last two go."""
-    root = Path(config.training.output_dir) / "checkpoints"
-    directory = root / f"{_CHECKPOINT_PREFIX}{step:06d}"
+    directory = checkpoint_dir(config, step)
     adapter_state = save_adapter(model, tokenizer, config, target_modules, directory, workers)
     optimizer_state = get_optimizer_state_dict(model, optimizer, options=_FULL)
     if workers.is_main:
-        state = {
-            "step": step,
-            # The same weights under this model's own parameter names, so resume restores them through
-            # set_model_state_dict, which also re-shards them under FSDP2.
-            "adapter": adapter_state,
-            "optimizer": optimizer_state,
-            "scheduler": scheduler.state_dict(),
-            "config": config.to_dict(),
-            "world_size": workers.world_size,
-        }
-        torch.save(state, directory / CHECKPOINT_STATE_FILE)
-        for old in sorted(root.glob(f"{_CHECKPOINT_PREFIX}*"))[:-_KEEP]:
-            shutil.rmtree(old, ignore_errors=True)
+        write_trainer_state(
+            directory,
+            step=step,
+            adapter=adapter_state,
+            optimizer=optimizer_state,
+            scheduler=scheduler.state_dict(),
+            config=config,
+            world_size=workers.world_size,
+        )
     workers.barrier()
     return directory
+
+
+def checkpoint_dir(config: FinetuneConfig, step: int) -> Path:
+    """Where the checkpoint of `step` goes: `output_dir/checkpoints/step-NNNNNN`."""
+    return Path(config.training.output_dir) / "checkpoints" / f"{_CHECKPOINT_PREFIX}{step:06d}"
+
+
+def write_trainer_state(
+    directory: Path,
+    *,
+    step: int,
+    adapter: dict[str, torch.Tensor],
+    optimizer: dict[str, Any],
+    scheduler: dict[str, Any],
+    config: FinetuneConfig,
+    world_size: int,
+) -> None:
+    """The resumable part of a checkpoint, then the pruning of older checkpoints beside it.
+
+    `adapter` holds the adapter weights under the model's own parameter names (adapter "default") and
+    `optimizer` the full optimizer state dict keyed by the same names (as
+    `torch.distributed.checkpoint.state_dict` writes it), so that a resume restores both through
+    `set_model_state_dict` / `set_optimizer_state_dict`, which also re-shard them under FSDP2.
+    """
+    state = {
+        "step": step,
+        "adapter": adapter,
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+        "config": config.to_dict(),
+        "world_size": world_size,
+    }
+    torch.save(state, directory / CHECKPOINT_STATE_FILE)
+    for old in sorted(directory.parent.glob(f"{_CHECKPOINT_PREFIX}*"))[:-_KEEP]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_trainer_state(directory: Path) -> dict[str, Any]:
+    """The trainer state of a checkpoint directory.
+
+    Raises:
+        ConfigError: the directory is not a raylora checkpoint.
+    """
+    state_file = directory / CHECKPOINT_STATE_FILE
+    if not state_file.exists():
+        raise ConfigError(
+            f"`resume_from` {str(directory)!r} is not a raylora checkpoint (it has no {CHECKPOINT_STATE_FILE}); "
+            "pass a `checkpoints/step-*` directory of an earlier run"
+        )
+    return torch.load(state_file, map_location="cpu", weights_only=False)
 
 
 def load_checkpoint(
@@ -111,13 +172,7 @@ def load_checkpoint(
     Raises:
         ConfigError: the directory is not a raylora checkpoint, or holds another adapter shape.
     """
-    state_file = directory / CHECKPOINT_STATE_FILE
-    if not state_file.exists():
-        raise ConfigError(
-            f"`resume_from` {str(directory)!r} is not a raylora checkpoint (it has no {CHECKPOINT_STATE_FILE}); "
-            "pass a `checkpoints/step-*` directory of an earlier run"
-        )
-    state = torch.load(state_file, map_location="cpu", weights_only=False)
+    state = read_trainer_state(directory)
     # Key names from the sharded state dict: the full one (_FULL) is empty on every rank but 0.
     expected = set(get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True)))
     if set(state["adapter"]) != expected:

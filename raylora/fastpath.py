@@ -38,6 +38,7 @@ BENCHMARKS.md measures what it costs in loss against the bf16 anchor and what it
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import types
 from collections.abc import Iterator
 from typing import Any
@@ -47,11 +48,13 @@ import torch._inductor.config
 import torch.nn.functional as F
 
 __all__ = [
+    "DropoutSeeds",
     "Float8Linear",
     "compile_layers",
     "convert_to_float8",
     "eager",
     "install_lean_lora",
+    "seed_dropout",
 ]
 
 
@@ -64,17 +67,29 @@ __all__ = [
 # replays the forward's random state, as eager checkpointing does, instead of drawing new masks.
 @torch.library.custom_op("raylora::lora_branch", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
 def _lora_branch(
-    x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor, p: float, scaling: float
+    x: torch.Tensor,
+    weight_a: torch.Tensor,
+    weight_b: torch.Tensor,
+    p: float,
+    scaling: float,
+    step_seed: torch.Tensor | None,
+    layer_key: torch.Tensor | None,
+    mask_length: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``linear(linear(dropout(x), A), B) * scaling``, with the dropout mask and ``linear(dropout(x), A)``.
 
     `weight_a` and `weight_b` arrive in the dtype the matmuls run in (the autocast dtype, or the adapter's
     own dtype without autocast); x keeps its own. `p` == 0 means no dropout (eval, or none configured), and
-    the mask returned is then empty.
+    the mask returned is then empty. With `step_seed` (int64 CPU tensor: seed, first row, rows; see
+    `DropoutSeeds`) and `layer_key` the mask comes from a generator of its own (`_seeded_mask`); without them,
+    from the global stream.
     """
     with torch.autocast(x.device.type, enabled=False):
         if p == 0:
             dropped, mask = x, x.new_empty((0,), dtype=torch.bool)
+        elif step_seed is not None and layer_key is not None:
+            mask = _seeded_mask(x, p, step_seed, int(layer_key.item()), mask_length)
+            dropped = _dropped(x, mask, p)
         else:
             # The mask from the same random stream as `F.dropout`, which calls native_dropout for these
             # inputs. On a GPU its output is the dropped input rounded once, as peft's; on the CPU its bf16
@@ -88,10 +103,37 @@ def _lora_branch(
 
 
 @_lora_branch.register_fake
-def _(x, weight_a, weight_b, p, scaling):
+def _(x, weight_a, weight_b, p, scaling, step_seed, layer_key, mask_length):
     mask = x.new_empty(x.shape if p > 0 else (0,), dtype=torch.bool)
     hidden = x.new_empty((*x.shape[:-1], weight_a.size(0)), dtype=weight_a.dtype)
     return x.new_empty((*x.shape[:-1], weight_b.size(0)), dtype=weight_b.dtype), mask, hidden
+
+
+def _seeded_mask(
+    x: torch.Tensor, p: float, seeds: torch.Tensor, layer_key: int, mask_length: int
+) -> torch.Tensor:
+    """The keep-mask of dropout with rate `p` for `x`, a pure function of the seeds and of each element's place.
+
+    `seeds` holds (seed, first row, rows): the micro-batch's seed, where this process's rows start in the
+    global micro-batch (rank x batch size under FSDP, 0 otherwise) and how many rows the global micro-batch
+    has. For a [rows, positions, features] input the mask is drawn for the global micro-batch and
+    `mask_length` positions (at least the input's), and this process's rows and positions are cut out: the
+    mask of a row then depends on neither the worker count nor how long the other rows of its batch are, so
+    N workers draw the masks one worker draws, and a row padded to another length (a packed step's
+    concatenated batch) draws the same mask.
+    """
+    seed, first, rows = (int(v) for v in seeds.tolist())
+    generator = torch.Generator(device=x.device)
+    generator.manual_seed((seed * 0x9E3779B97F4A7C15 + layer_key) % (2**63))
+    if (
+        x.dim() != 3 or x.size(0) + first > rows
+    ):  # not a training micro-batch (or rows unknown): its own shape
+        return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(
+            1.0 - p, generator=generator
+        )
+    shape = (rows, max(mask_length, x.size(1)), x.size(2))
+    mask = torch.empty(shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p, generator=generator)
+    return mask[first : first + x.size(0), : x.size(1)].contiguous()
 
 
 def _dropped(x: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:
@@ -103,7 +145,7 @@ def _dropped(x: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def _save_for_backward(ctx, inputs, output) -> None:
-    x, weight_a, weight_b, p, scaling = inputs
+    x, weight_a, weight_b, p, scaling, *_seeds = inputs
     _, mask, hidden = output
     ctx.save_for_backward(x, weight_a, weight_b, mask, hidden)
     ctx.p, ctx.scaling = p, scaling
@@ -123,43 +165,58 @@ def _lora_branch_backward(ctx, grad_out, _grad_mask, _grad_hidden):
         # In x's dtype before the mask, as autocast's cast back from the matmul dtype comes first in peft.
         grad_x = grad_hidden.matmul(weight_a).to(x.dtype)
         grad_x = _dropped(grad_x, mask, p)
-    return grad_x, grad_a, grad_b, None, None
+    return grad_x, grad_a, grad_b, None, None, None, None, None
 
 
 _lora_branch.register_autograd(_lora_branch_backward, setup_context=_save_for_backward)
 
 
 def _lean_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """peft's `Linear.forward` for one plain LoRA adapter, through `_lora_branch`.
+    """peft's `Linear.forward` for plain LoRA adapters, through `_lora_branch`.
 
-    Anything else (adapters disabled or merged, a mixed batch of adapters, a variant added after install)
-    takes peft's own forward, so that this path never has to know those cases.
+    One active adapter applies to every row. Under a row layout (`PackedRows`, set by the packed engine) each
+    adapter this layer holds applies to its own rows only. Anything else (adapters disabled or merged, peft's
+    own mixed batch, a variant added after install) takes peft's own forward, so that this path never has to
+    know those cases.
     """
+    layout = getattr(self, "_raylora_rows", None)
     active = self.active_adapters
     if (
         self.disable_adapters
         or self.merged
         or kwargs.get("adapter_names") is not None
-        or len(active) != 1
-        or not _plain(self, active[0])
+        or (layout is None and (len(active) != 1 or not _plain(self, active[0])))
     ):
         return type(self).forward(self, x, *args, **kwargs)
-    name = active[0]
     result = self.base_layer(x, *args, **kwargs)
-    weight_a, weight_b = self.lora_A[name].weight, self.lora_B[name].weight
     if torch.is_autocast_enabled(x.device.type):
         # Autocast runs the matmuls in its dtype; the dropout sees the input as it is (bf16 from a bf16
         # model; peft's fp32 cast of it is exact, so dropping out in fp32 and rounding once is the same).
         dtype = torch.get_autocast_dtype(x.device.type)
     else:
         # peft casts the input to the adapter's dtype (fp32) first, and runs everything in it.
-        dtype = weight_a.dtype
+        dtype = next(iter(self.lora_A.values())).weight.dtype
         x = x.to(dtype)
+    if layout is None:
+        seed = getattr(self, "_raylora_step_seed", None)
+        return (result + self._raylora_branch(active[0], x, dtype, seed)).to(result.dtype)
+    out = result.to(dtype) if result.dtype != dtype else result.clone()
+    for name, start, end, seed in layout.rows:
+        if name in self.lora_A:
+            out[start:end] += self._raylora_branch(name, x[start:end], dtype, seed)
+    return out.to(result.dtype)
+
+
+def _branch(self, name: str, x: torch.Tensor, dtype: torch.dtype, seed: torch.Tensor | None) -> torch.Tensor:
+    """Adapter `name`'s LoRA output for `x` (dropout seeded by `seed` and this layer's key when given)."""
     dropout = self.lora_dropout[name]
     p = float(dropout.p) if isinstance(dropout, torch.nn.Dropout) else 0.0
     p = p if dropout.training else 0.0
-    lora = _lora_branch(x, weight_a.to(dtype), weight_b.to(dtype), p, float(self.scaling[name]))[0]
-    return (result + lora).to(result.dtype)
+    weight_a, weight_b = self.lora_A[name].weight, self.lora_B[name].weight
+    key = getattr(self, "_raylora_layer_key", None) if seed is not None else None
+    mask_length = getattr(self, "_raylora_mask_length", 0)
+    scaling = float(self.scaling[name])
+    return _lora_branch(x, weight_a.to(dtype), weight_b.to(dtype), p, scaling, seed, key, mask_length)[0]
 
 
 def _plain(module: torch.nn.Module, name: str) -> bool:
@@ -173,13 +230,83 @@ def _plain(module: torch.nn.Module, name: str) -> bool:
     return isinstance(module.lora_dropout[name], (torch.nn.Dropout, torch.nn.Identity))
 
 
-def install_lean_lora(model: torch.nn.Module) -> int:
+class DropoutSeeds:
+    """Where the LoRA dropout masks of one adapter come from: a pure function of (seed, step, micro-batch,
+    row of the global micro-batch, layer).
+
+    The loop sets the step and micro-batch before each forward (`set`); every routed layer combines them with
+    its own key (a hash of its module path) inside `_lora_branch`. So a mask depends on nothing else: not on
+    the order in which layers or adapters run, not on what ran before, not on how many workers share the
+    global batch, not on the other rows of a packed batch. That makes a resumed run, an activation
+    checkpointing recomputation, N workers and an adapter trained in a pack (`raylora.packed`) draw exactly
+    the masks of the plain one-worker run. The seeds live in a CPU tensor that the compiled layers read as an
+    input, so a new step does not recompile them.
+
+    Args:
+        seed: the run's seed (`training.seed`).
+        first_row: where this process's rows start in the global micro-batch (rank x batch size).
+        rows: the rows of the global micro-batch (workers x batch size).
+    """
+
+    def __init__(self, seed: int, *, first_row: int = 0, rows: int = 0) -> None:
+        self.seed = seed
+        self.tensor = torch.tensor([0, first_row, rows], dtype=torch.int64)
+
+    def set(self, step: int, micro_batch: int) -> None:
+        self.tensor[0] = _mix(self.seed, step, micro_batch)
+
+
+def _mix(*parts: int | str) -> int:
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**62 - 1)
+
+
+def seed_dropout(model: torch.nn.Module, seeds: DropoutSeeds | None, mask_length: int) -> int:
+    """Give every routed LoRA layer of `model` its key and `seeds` (None: the global stream); returns how many.
+
+    `mask_length` is the longest row the run draws masks for (`data.max_length`; see `_seeded_mask`).
+    """
+    count = 0
+    for path, module in model.named_modules():
+        if getattr(module, "_raylora_branch", None) is None:
+            continue
+        module._raylora_step_seed = None if seeds is None else seeds.tensor
+        module._raylora_layer_key = torch.tensor([_mix(path)], dtype=torch.int64)
+        module._raylora_mask_length = mask_length
+        count += 1
+    return count
+
+
+def install_lean_lora(model: torch.nn.Module, *, routed: bool = False) -> int:
     """Route every plain LoRA linear layer of a peft model through `_lora_branch`; returns how many.
 
     Only peft's `lora.Linear` and its bitsandbytes 4-bit twin are routed (the layers raylora's presets
     target); embeddings, convolutions, 8-bit layers and DoRA keep peft's forward. The routing is an
     instance attribute: the module tree, parameter names and saved adapters do not change.
+
+    With `routed`, every LoRA linear layer is routed whatever number of adapters it holds (a pack: each
+    adapter then applies to its own rows, see `PackedRows`), and a layer holding an adapter that the lean
+    branch does not compute (DoRA, a LoRA bias, another variant) is an error rather than left to peft,
+    which would apply it to every row.
     """
+    types_ = _lean_types()
+    count = 0
+    for path, module in model.named_modules():
+        if type(module) not in types_ or not module.lora_A:
+            continue
+        plain = all(_plain(module, name) for name in module.lora_A)
+        if routed and not plain:
+            raise ValueError(
+                f"{path} holds an adapter that packed LoRA layers do not compute (DoRA or a variant)"
+            )
+        if routed or (len(module.lora_A) == 1 and plain):
+            module.forward = types.MethodType(_lean_forward, module)
+            module._raylora_branch = types.MethodType(_branch, module)
+            count += 1
+    return count
+
+
+def _lean_types() -> tuple[type, ...]:
     from peft.tuners.lora.layer import Linear
 
     types_: tuple[type, ...] = (Linear,)
@@ -189,12 +316,7 @@ def install_lean_lora(model: torch.nn.Module) -> int:
         types_ += (Linear4bit,)
     except ImportError:  # peft without bitsandbytes support installed
         pass
-    count = 0
-    for module in model.modules():
-        if type(module) in types_ and len(module.lora_A) == 1 and _plain(module, next(iter(module.lora_A))):
-            module.forward = types.MethodType(_lean_forward, module)
-            count += 1
-    return count
+    return types_
 
 
 def compile_layers(layers: list[torch.nn.Module], backend: str) -> None:

@@ -29,6 +29,7 @@ from raylora.model import unwrap
 __all__ = [
     "LOSS_CHUNK_TOKENS",
     "ModelOutput",
+    "chunkable_head",
     "compiled_head_loss",
     "count_targets",
     "forward",
@@ -54,15 +55,22 @@ class ModelOutput:
     autocast_dtype: torch.dtype | None  # the autocast the forward ran under, for the head; None: off
 
 
-def forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> ModelOutput:
-    """Run `model` on a collated batch (`raylora.data`) and return what the loss needs."""
+def forward(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], *, head: torch.nn.Module | None = None
+) -> ModelOutput:
+    """Run `model` on a collated batch (`raylora.data`) and return what the loss needs.
+
+    `head` replaces the model's output head for the loss (a packed adapter's own copy of a trained head);
+    it applies only where the loss applies the head itself (`chunkable_head`).
+    """
     # Packed rows carry per-document position_ids and no padding: leaving attention_mask out lets
     # transformers build a block-diagonal causal mask from the position ids.
     mask = None if bool(batch["attention_mask"].all()) else batch["attention_mask"]
     inputs = {"input_ids": batch["input_ids"], "attention_mask": mask, "position_ids": batch["position_ids"]}
-    head = _chunkable_head(model)
-    if head is None:
+    own_head = chunkable_head(model)
+    if own_head is None:
         return ModelOutput(model(**inputs).logits, None, None)
+    head = head if head is not None else own_head
     # The decoder alone (LoRA layers sit inside it): the [tokens, vocab] logits are never built here.
     hidden = unwrap(model).get_decoder()(**inputs).last_hidden_state
     device_type = hidden.device.type
@@ -70,7 +78,7 @@ def forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> ModelOutp
     return ModelOutput(hidden, head, autocast_dtype)
 
 
-def _chunkable_head(model: torch.nn.Module) -> torch.nn.Module | None:
+def chunkable_head(model: torch.nn.Module) -> torch.nn.Module | None:
     """The output head, when the loss may apply it itself; None to take the model's own logits.
 
     Not under FSDP2 (the root unit's embeddings and head are gathered by the root's own forward only), and

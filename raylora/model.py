@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ParameterCount",
+    "apply_activation_checkpointing",
     "apply_lora",
     "check_max_length",
     "check_model",
@@ -40,6 +41,7 @@ __all__ = [
     "load_base_model",
     "load_model_config",
     "load_tokenizer",
+    "lora_config",
     "model_max_length",
     "resolve_model_path",
     "unwrap",
@@ -356,7 +358,25 @@ def apply_lora(
     Raises:
         ConfigError: a target module or a `modules_to_save` name matches nothing in the model.
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
+
+    config, targets = lora_config(model, adapter)
+    if activation_checkpointing:
+        apply_activation_checkpointing(model, float(activation_checkpointing))
+    return get_peft_model(model, config), targets
+
+
+def lora_config(model: torch.nn.Module, adapter: AdapterConfig) -> tuple[Any, list[str]]:
+    """The `peft.LoraConfig` that `adapter` asks for on `model`, and the resolved target module paths.
+
+    Args:
+        model: the frozen base (or a peft model around it).
+        adapter: the adapter section of the config; `peft_kwargs` go to `peft.LoraConfig` unchanged.
+
+    Raises:
+        ConfigError: a target module or a `modules_to_save` name matches nothing in the model.
+    """
+    from peft import LoraConfig
     from transformers.pytorch_utils import Conv1D
 
     targets = resolve_target_modules(model, adapter.target_modules)
@@ -365,14 +385,12 @@ def apply_lora(
         problem = modules_to_save_problem(model, modules_to_save)
         if problem:
             raise ConfigError(problem)
-    if activation_checkpointing:
-        _enable_activation_checkpointing(model, float(activation_checkpointing))
     peft_kwargs = dict(adapter.peft_kwargs)
     layers = linear_layers(model, include_head=True)
     if any(isinstance(layers[path], Conv1D) for path in targets):
         # GPT-2's Conv1D stores its weight transposed; peft would flip this itself, with a warning per layer.
         peft_kwargs.setdefault("fan_in_fan_out", True)
-    lora_config = LoraConfig(
+    config = LoraConfig(
         r=adapter.r,
         lora_alpha=adapter.alpha,
         lora_dropout=adapter.dropout,
@@ -383,10 +401,15 @@ def apply_lora(
         task_type="CAUSAL_LM",
         **peft_kwargs,
     )
-    return get_peft_model(model, lora_config), targets
+    return config, targets
 
 
-def _enable_activation_checkpointing(model: PreTrainedModel, fraction: float = 1.0) -> None:
+def apply_activation_checkpointing(model: PreTrainedModel, fraction: float = 1.0) -> None:
+    """Recompute that `fraction` of the decoder layers in the backward pass (non-reentrant checkpointing).
+
+    The embedding output is made to require grad, so that gradients reach the adapters through checkpointed
+    layers behind a frozen embedding.
+    """
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns there
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)

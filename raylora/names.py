@@ -16,6 +16,8 @@ __all__ = [
     "GRAD_NORM",
     "LEARNING_RATE",
     "NUM_NODES",
+    "PACK_ENGINE",
+    "PACK_SIZE",
     "PEAK_MEMORY_GIB",
     "REPORTED_METRICS",
     "SETUP_TIME_S",
@@ -59,6 +61,10 @@ TRAIN_HISTORY = "train_history"
 # Where a trial's workers ran, in rank order (Ray node ids, comma-separated), and on how many nodes.
 WORKER_NODES = "worker_nodes"
 NUM_NODES = "num_nodes"
+# Packed trials: the engine (one process per GPU holding the base) that trained the trial, and how many
+# adapters it trained at that eval.
+PACK_ENGINE = "pack_engine"
+PACK_SIZE = "pack_size"
 
 # ---- files ---------------------------------------------------------------------------------------------------
 # In a checkpoint directory, beside the adapter: optimizer, scheduler, step and counters.

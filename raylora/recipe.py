@@ -13,8 +13,10 @@ What a step computes:
 - The loss is the mean over every trained token of every micro-batch on every rank (`raylora.loss`), so
   N workers at batch B compute the same step as one worker at batch N*B.
 - Reproducibility: the data order is a pure function of (seed, step) (`raylora.data.iterate_batches`) and
-  the dropout RNG is reseeded from (seed, step, rank) before every step, so a run resumed from a checkpoint
-  at step k computes the same steps k+1.. as the uninterrupted run, without saving RNG state.
+  every LoRA dropout mask a pure function of (seed, step, micro-batch, global row, layer)
+  (`raylora.fastpath.DropoutSeeds`; the global RNG is also reseeded from (seed, step, rank) before every
+  step, for layers peft runs itself), so a run resumed from a checkpoint at step k computes the same steps
+  k+1.. as the uninterrupted run, without saving RNG state.
 
 Distributed: when a `torch.distributed` process group is up with more than one rank (Ray Train's
 `TorchTrainer` starts one), each decoder layer is an FSDP2 unit (`raylora.distributed`) and every rank reads
@@ -37,7 +39,14 @@ from raylora.checkpoint import load_checkpoint, save_adapter, save_checkpoint
 from raylora.config import ConfigError, FinetuneConfig, TrainingConfig
 from raylora.data import TokenizedData, eval_batches, iterate_batches, load_data
 from raylora.distributed import Workers, shard_with_fsdp2
-from raylora.fastpath import compile_layers, convert_to_float8, eager, install_lean_lora
+from raylora.fastpath import (
+    DropoutSeeds,
+    compile_layers,
+    convert_to_float8,
+    eager,
+    install_lean_lora,
+    seed_dropout,
+)
 from raylora.loss import compiled_head_loss, count_targets, forward, token_loss_sum
 from raylora.model import (
     ParameterCount,
@@ -63,7 +72,15 @@ from raylora.names import (
     TRAINABLE_PERCENT,
 )
 
-__all__ = ["LoraRecipe", "NonFiniteLossError", "activation_checkpointing", "evaluate_loss", "lr_schedule"]
+__all__ = [
+    "LoraRecipe",
+    "NonFiniteLossError",
+    "activation_checkpointing",
+    "clip_and_measure",
+    "evaluate_loss",
+    "lr_schedule",
+    "peak_memory_gib",
+]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -149,8 +166,13 @@ class LoraRecipe:
             model, cfg.adapter, activation_checkpointing=activation_checkpointing(cfg)
         )
         # The same arithmetic as peft's LoRA layers, keeping each adapted layer's input once instead of a
-        # dropped copy per layer (raylora.fastpath says why).
+        # dropped copy per layer, with dropout masks drawn from per-layer seeds (raylora.fastpath says why).
         install_lean_lora(model)
+        batch = cfg.training.batch_size
+        self.dropout_seeds = DropoutSeeds(
+            cfg.training.seed, first_row=workers.rank * batch, rows=workers.world_size * batch
+        )
+        seed_dropout(model, self.dropout_seeds, cfg.data.max_length)
         if cfg.training.fp8:
             convert_to_float8(decoder_layers(model))
         self.parameters: ParameterCount = count_parameters(model)
@@ -190,7 +212,8 @@ class LoraRecipe:
         step_targets = workers.sum(sum(count_targets(mb) for mb in micro_batches))
         scale = workers.world_size / max(step_targets, 1.0)
         loss_sum = 0.0
-        for micro_batch in micro_batches:
+        for index, micro_batch in enumerate(micro_batches):
+            self.dropout_seeds.set(self.global_step, index)
             # Counted on the CPU: no device sync.
             self._throughput.window_tokens += int(micro_batch["attention_mask"].sum())
             micro_batch = {k: v.to(workers.device, non_blocking=True) for k, v in micro_batch.items()}
@@ -201,7 +224,7 @@ class LoraRecipe:
             )
             (token_loss * scale).backward()
             loss_sum += token_loss.detach()
-        grad_norm = _clip_and_measure(self.trainable, cfg.max_grad_norm)
+        grad_norm = clip_and_measure(self.trainable, cfg.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -233,7 +256,7 @@ class LoraRecipe:
             TOKENS_PER_SEC: window_tokens / max(elapsed, 1e-9),
             TOKENS_SEEN: meter.tokens_seen,
             TRAIN_TIME_S: meter.train_time,
-            PEAK_MEMORY_GIB: self.workers.max(_peak_memory_gib(self.workers.device)),
+            PEAK_MEMORY_GIB: self.workers.max(peak_memory_gib(self.workers.device)),
             **self.static_metrics,
         }
         meter.window_tokens = 0.0
@@ -297,8 +320,12 @@ def evaluate_loss(
     workers: Workers,
     autocast,
     pad_id: int,
+    head: torch.nn.Module | None = None,
 ) -> float:
-    """Mean next-token loss over the eval split (every rank its shard), without label smoothing."""
+    """Mean next-token loss over the eval split (every rank its shard), without label smoothing.
+
+    `head` replaces the model's output head (`raylora.loss.forward`).
+    """
     model.eval()
     loss_sum, targets = 0.0, 0
     batches = eval_batches(
@@ -309,7 +336,7 @@ def evaluate_loss(
             break
         batch = {k: v.to(workers.device) for k, v in batch.items()}
         with autocast:
-            output = forward(model, batch)
+            output = forward(model, batch, head=head)
         loss_sum += float(token_loss_sum(output, batch["labels"], 0.0))
         targets += count_targets(batch)
     model.train()
@@ -383,7 +410,7 @@ def compile_backend(mode: str, workers: Workers) -> str | None:
     return None if mode == "off" else mode
 
 
-def _clip_and_measure(parameters: list[torch.nn.Parameter], max_norm: float) -> float:
+def clip_and_measure(parameters: list[torch.nn.Parameter], max_norm: float) -> float:
     # clip_grad_norm_ returns the total norm before clipping; with max_norm=inf it only measures.
     norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm if max_norm > 0 else math.inf)
     if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
@@ -391,7 +418,7 @@ def _clip_and_measure(parameters: list[torch.nn.Parameter], max_norm: float) -> 
     return float(norm)
 
 
-def _peak_memory_gib(device: torch.device) -> float:
+def peak_memory_gib(device: torch.device) -> float:
     """Peak allocated device memory on a GPU; the process's peak resident set size on the CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from raylora.names import STEP
+from raylora.names import PACK_ENGINE, STEP
 from raylora.sweep.spec import Sweep
 
 __all__ = ["SweepResult", "TrialSummary", "summarise", "write_summary"]
@@ -32,6 +32,7 @@ class TrialSummary:
     step: int | None
     checkpoint: str | None
     error: str | None
+    engine: str | None = None  # the packing process that trained it (`raylora.sweep.packing`), if packed
 
 
 @dataclass
@@ -50,7 +51,11 @@ class SweepResult:
     def table(self) -> str:
         """A plain-text table of trials, best first."""
         keys = sorted({k for t in self.trials for k in t.config})
-        headers = ["trial", *[k.split(".")[-1] for k in keys], self.sweep.metric, "status", "steps", "error"]
+        packed = any(t.engine for t in self.trials)
+        headers = ["trial", *[k.split(".")[-1] for k in keys], self.sweep.metric, "status", "steps"]
+        headers += ["engine"] * packed + ["error"]
+        # Engines by their order of first appearance: "engine 0" is shorter than a Ray actor name.
+        engines = {e: i for i, e in enumerate(dict.fromkeys(t.engine for t in self.trials if t.engine))}
         sign = 1 if self.sweep.mode == "min" else -1
         rows = []
         for t in sorted(self.trials, key=lambda t: (t.metric is None, sign * (t.metric or 0.0))):
@@ -60,6 +65,8 @@ class SweepResult:
                 t.status,
                 "-" if t.step is None else str(t.step),
             ]
+            if packed:
+                cells.append("-" if t.engine is None else str(engines[t.engine]))
             cells.append((t.error or "")[:60])
             rows.append(cells)
         widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
@@ -96,6 +103,7 @@ def summarise(sweep: Sweep, grid, experiment_path: str) -> SweepResult:
                 step=int(metrics[STEP]) if STEP in metrics else None,
                 checkpoint=checkpoint,
                 error=_error_line(result.error) if result.error else None,
+                engine=metrics.get(PACK_ENGINE),
             )
         )
     scored = [t for t in trials if t.metric is not None and t.status != "ERROR"]

@@ -56,7 +56,12 @@ def _run_trial(sampled: dict[str, Any], *, sweep_spec: dict[str, Any]) -> None:
     )
     workers = sweep_spec["resources"]["workers"]
     try:
-        if workers == 1:
+        if sweep_spec.get("pack"):
+            from raylora.sweep.packing import run_packed_trial
+
+            placement = _placement([ray.get_runtime_context().get_node_id()])
+            run_packed_trial(config, sweep_spec, context.get_trial_id(), placement)
+        elif workers == 1:
             checkpoint = tune.get_checkpoint()
             resume_dir = _local_copy(checkpoint, config) if checkpoint else None
             placement = _placement([ray.get_runtime_context().get_node_id()])

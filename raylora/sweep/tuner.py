@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,18 @@ from typing import Any
 from raylora.config import ConfigError
 from raylora.names import STEP
 from raylora.sweep.cluster import check_cluster
+from raylora.sweep.packing import pack_problems_of_sweep, stop_engines
 from raylora.sweep.spec import TRAINER_DRIVER_CPU, Resources, Sweep
 from raylora.sweep.summary import SweepResult, summarise
 from raylora.sweep.trial import _run_trial
 
 __all__ = ["experiment_path", "run_sweep"]
+
+# Adapters per packing process when `Sweep.pack` does not say: on a GPU, as many as fit under this cap
+# (measured memory decides below it); on the CPU, a few (its throughput does not grow with the batch).
+_DEFAULT_PACK_GPU = 8
+_DEFAULT_PACK_CPU = 4
+_NAMESPACE = "raylora"
 
 
 def run_sweep(
@@ -47,16 +55,25 @@ def run_sweep(
     Raises:
         ConfigError: the sweep is invalid, or asks for resources the cluster can never satisfy.
     """
+    import ray
     from ray import tune
 
     sweep.validate(against_model=True)
+    pack = _pack_cap(sweep)  # before Ray starts: a pack that cannot apply is refused at once
     storage = _storage_uri(sweep.storage_path)
     _init_ray(address)
     check_cluster(sweep, storage)
+    namespace = ray.get_runtime_context().namespace
+    if pack is not None and verbose:
+        print(
+            f"raylora: packing trials: up to {pack} adapters per process, one process per "
+            f"{'GPU' if sweep.resources.gpus_per_worker > 0 else 'node'} holding the base once",
+            flush=True,
+        )
 
     trainable = tune.with_resources(
-        tune.with_parameters(_run_trial, sweep_spec=_sweep_spec(sweep, storage)),
-        _trial_resources(sweep.resources),
+        tune.with_parameters(_run_trial, sweep_spec=_sweep_spec(sweep, storage, pack, namespace)),
+        _trial_resources(sweep.resources, packed=pack is not None),
     )
     experiment_path = _join(storage, sweep.name)
     if resume:
@@ -76,7 +93,7 @@ def run_sweep(
         tuner = tune.Tuner(
             trainable,
             param_space=sweep.search_space,
-            tune_config=_tune_config(sweep),
+            tune_config=_tune_config(sweep, pack),
             run_config=tune.RunConfig(
                 name=sweep.name,
                 storage_path=storage,
@@ -90,7 +107,11 @@ def run_sweep(
                 verbose=verbose,
             ),
         )
-    grid = tuner.fit()
+    try:
+        grid = tuner.fit()
+    finally:
+        if pack is not None:
+            stop_engines(sweep.name, namespace)
     return summarise(sweep, grid, experiment_path)
 
 
@@ -106,10 +127,11 @@ def _init_ray(address: str | None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     # Workers import raylora from this environment; quieter logs keep the trial table readable.
+    # A namespace of its own: packed sweeps keep their engines as named actors there.
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, namespace=_NAMESPACE)
     else:
-        ray.init(include_dashboard=False, log_to_driver=True)
+        ray.init(include_dashboard=False, log_to_driver=True, namespace=_NAMESPACE)
 
 
 def _storage_uri(path: str) -> str:
@@ -122,7 +144,27 @@ def _join(storage: str, name: str) -> str:
     return f"{storage.rstrip('/')}/{name}"
 
 
-def _sweep_spec(sweep: Sweep, storage: str) -> dict[str, Any]:
+def _pack_cap(sweep: Sweep) -> int | None:
+    """Adapters per packing process for this sweep, or None to run every trial the ordinary way.
+
+    Raises:
+        ConfigError: `sweep.pack` asks for packing that this sweep's trials cannot do (the reasons listed).
+    """
+    pack, on_gpu = sweep.pack, sweep.resources.gpus_per_worker > 0
+    if pack is False or (pack is not True and pack == 0) or (pack is None and not on_gpu):
+        return None
+    problems = pack_problems_of_sweep(sweep)
+    if problems:
+        if pack is None:
+            print(f"raylora: trials run unpacked: {'; '.join(problems)}", file=sys.stderr, flush=True)
+            return None
+        raise ConfigError([f"`sweep.pack` is {pack!r}, but {problem}" for problem in problems])
+    if pack is None or pack is True:
+        return _DEFAULT_PACK_GPU if on_gpu else _DEFAULT_PACK_CPU
+    return int(pack)
+
+
+def _sweep_spec(sweep: Sweep, storage: str, pack: int | None = None, namespace: str = "") -> dict[str, Any]:
     """What a trial needs, as plain data: it crosses into Ray actors."""
     base = sweep.base.to_dict()
     # Trials run with the trial directory as their working directory: pin relative local paths here.
@@ -139,19 +181,24 @@ def _sweep_spec(sweep: Sweep, storage: str) -> dict[str, Any]:
         "keep_checkpoints": sweep.keep_checkpoints,
         "metric": sweep.metric,
         "mode": sweep.mode,
+        "pack": pack,
+        "namespace": namespace,
     }
 
 
-def _trial_resources(resources: Resources):
+def _trial_resources(resources: Resources, *, packed: bool = False):
     from ray import tune
 
+    if packed:
+        # The trial only relays its engine's reports; the engine holds the device (raylora.sweep.packing).
+        return {"cpu": TRAINER_DRIVER_CPU, "gpu": 0}
     if resources.workers == 1:
         return {"cpu": resources.cpus_per_worker, "gpu": resources.gpus_per_worker}
     # The trial's own process only drives the TorchTrainer; its workers reserve their own resources.
     return tune.PlacementGroupFactory([{"CPU": TRAINER_DRIVER_CPU}])
 
 
-def _tune_config(sweep: Sweep):
+def _tune_config(sweep: Sweep, pack: int | None = None):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -179,7 +226,7 @@ def _tune_config(sweep: Sweep):
         search_alg=search_alg,
         scheduler=scheduler,
         num_samples=sweep.num_samples,
-        max_concurrent_trials=sweep.max_concurrent_trials,
+        max_concurrent_trials=sweep.max_concurrent_trials or _packed_concurrency(sweep, pack),
         # 1-worker trials run in the trial's own process: reusing it for the next trial skips a process
         # start and the torch/transformers imports (seconds per trial). N-worker trials start their own
         # worker group anyway.
@@ -187,3 +234,16 @@ def _tune_config(sweep: Sweep):
         trial_name_creator=lambda trial: f"{sweep.name}_{trial.trial_id}",
         trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}",
     )
+
+
+def _packed_concurrency(sweep: Sweep, pack: int | None) -> int | None:
+    """Trials Tune runs at once in a packed sweep: every slot of every engine the cluster can start."""
+    if pack is None:
+        return None
+    import ray
+
+    if sweep.resources.gpus_per_worker > 0:
+        devices = int(ray.cluster_resources().get("GPU", 0))
+    else:
+        devices = len([node for node in ray.nodes() if node.get("Alive")])
+    return max(1, pack * max(devices, 1))

@@ -1,0 +1,556 @@
+"""Several adapters trained together on one frozen base: the packed step.
+
+A sweep's trials often share everything but the adapter: the base model, the data, the sequence length.
+`PackedTrainer` holds that shared part once (the base in bf16, fp8 or 4-bit, the tokenized data) and trains
+up to K adapters at once. Each step takes the next micro-batch of every active adapter, concatenates them
+into one batch, runs the base over it once, and each LoRA layer adds each adapter's output to that adapter's
+rows only (`raylora.fastpath`, a `PackedRows` layout). Each adapter keeps everything it would have alone:
+
+- its LoRA config (rank, alpha, dropout, rsLoRA, target modules, a trained output head), its optimizer and
+  learning-rate schedule, its clipping, label smoothing and gradient accumulation;
+- its data order (`raylora.data.iterate_batches` with its own seed and batch size) and its dropout masks
+  (`raylora.fastpath.DropoutSeeds`: a pure function of seed, step, micro-batch and layer, so they do not
+  depend on which adapters share the batch);
+- its loss, summed over its own rows and normalised by its own token count. No row passes through another
+  adapter's weights, so the backward pass of the summed losses gives every adapter exactly its own gradients;
+- its checkpoints and final adapter, in the format of a solo run (`raylora.checkpoint`): a packed trial can
+  resume solo and the other way round, and the adapter loads with plain peft.
+
+So a packed adapter computes what it would compute alone; only the order of floating-point sums inside the
+shared matmuls can differ (the batch is larger), which the exactness test bounds.
+
+What cannot be packed is refused by `pack_problems` with the reason, and such a trial runs the ordinary way:
+a different base, data, sequence length or numeric set-up (QLoRA, fp8, precision, checkpointing); DoRA or
+other LoRA variants (peft computes those itself, on every row); modules trained in full other than the
+output head.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from raylora.checkpoint import checkpoint_dir, read_trainer_state, write_run_files, write_trainer_state
+from raylora.config import ConfigError, FinetuneConfig
+from raylora.data import IGNORE_INDEX, TokenizedData, iterate_batches, load_data
+from raylora.distributed import Workers
+from raylora.fastpath import DropoutSeeds, install_lean_lora, seed_dropout
+from raylora.loss import ModelOutput, chunkable_head, count_targets, forward, token_loss_sum
+from raylora.model import (
+    apply_activation_checkpointing,
+    count_parameters,
+    load_base_model,
+    load_tokenizer,
+    lora_config,
+    unwrap,
+)
+from raylora.names import (
+    GRAD_NORM,
+    LEARNING_RATE,
+    PEAK_MEMORY_GIB,
+    STEP,
+    TOKENS_PER_SEC,
+    TOKENS_SEEN,
+    TOTAL_PARAMS,
+    TRAIN_LOSS,
+    TRAIN_TIME_S,
+    TRAINABLE_PARAMS,
+    TRAINABLE_PERCENT,
+)
+from raylora.recipe import (
+    NonFiniteLossError,
+    activation_checkpointing,
+    clip_and_measure,
+    evaluate_loss,
+    lr_schedule,
+    peak_memory_gib,
+)
+
+__all__ = ["PackedRows", "PackedStep", "PackedTrainer", "pack_key", "pack_problems"]
+
+# Config fields that every adapter of a pack shares with the pack: they shape the frozen base, the tokenized
+# data or the numerics of the shared forward pass.
+_SHARED_FIELDS = (
+    "model",
+    "data",
+    "adapter.qlora",
+    "training.fp8",
+    "training.precision",
+    "training.compile",
+    "training.activation_checkpointing",
+    # The eval split and the packing order of the data follow the run's seed.
+    "training.seed",
+)
+
+
+def pack_key(config: FinetuneConfig) -> str:
+    """What a pack shares: two configs with the same key can train on one base."""
+    data = config.to_dict()
+    shared: dict[str, Any] = {}
+    for name in _SHARED_FIELDS:
+        section, _, key = name.partition(".")
+        shared[name] = data[section][key] if key else data[section]
+    return json.dumps(shared, sort_keys=True, default=str)
+
+
+def pack_problems(config: FinetuneConfig) -> list[str]:
+    """Why `config` cannot train in a pack, from the config alone (empty: it can)."""
+    problems = []
+    adapter = config.adapter
+    if adapter.use_dora:
+        problems.append("`adapter.use_dora` is true, and peft computes DoRA itself, on every row of a batch")
+    extra = sorted(set(adapter.peft_kwargs) - {"init_lora_weights"})
+    if extra:
+        problems.append(f"`adapter.peft_kwargs` sets {extra}, which packed LoRA layers do not compute")
+    if config.training.compile not in ("auto", "off"):
+        problems.append(f"`training.compile` is {config.training.compile!r}; packed layers run eagerly")
+    return problems
+
+
+@dataclass
+class PackedStep:
+    """What one packed step did: the adapters that completed an optimizer step, and those that diverged."""
+
+    stepped: dict[str, dict[str, float]] = field(default_factory=dict)
+    failed: dict[str, NonFiniteLossError] = field(default_factory=dict)
+
+
+class PackedRows:
+    """Which rows of the current batch belong to which adapter; every routed LoRA layer reads it.
+
+    `rows` holds (adapter name, first row, end row, dropout seed tensor or None) per adapter in the batch.
+    """
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, int, int, torch.Tensor | None]] = []
+
+
+@dataclass
+class _Adapter:
+    """One adapter of the pack and everything it would own in a solo run."""
+
+    name: str
+    config: FinetuneConfig
+    targets: list[str]
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    seeds: DropoutSeeds
+    parameters: dict[str, float]
+    global_step: int = 0
+    pending: list[dict[str, torch.Tensor]] = field(default_factory=list)  # this step's micro-batches left
+    micro: int = 0  # micro-batches of the current optimizer step done
+    step_targets: float = 0.0
+    loss_sum: float = 0.0
+    window_tokens: float = 0.0
+    window_start: float = field(default_factory=time.perf_counter)
+    tokens_seen: float = 0.0
+    train_time: float = 0.0
+    first_step_at: float | None = None  # wall clock (unix seconds) when its first step began
+    paused: bool = False
+
+    def __post_init__(self) -> None:
+        self.batches = None  # set by PackedTrainer: the adapter's own deterministic batch stream
+
+
+class PackedTrainer:
+    """One frozen base and the adapters trained on it together (one process, one device).
+
+    Args:
+        base: a config of the pack: every adapter must share its `pack_key` (base, data, numerics); its
+            adapter and optimiser fields are not used.
+        workers: this process's device; a pack never spans ranks.
+    """
+
+    def __init__(self, base: FinetuneConfig, *, workers: Workers | None = None) -> None:
+        self.key = pack_key(base)
+        self.workers = workers or Workers.detect()
+        if self.workers.world_size > 1:
+            raise ConfigError("a pack trains on one worker; run several-worker trials the ordinary way")
+        self.tokenizer = load_tokenizer(base.model)
+        self.data: TokenizedData = load_data(base.data, self.tokenizer, seed=base.training.seed)
+        self.base = load_base_model(base.model, qlora=base.adapter.qlora, device=self.workers.device)
+        self._base_params = count_parameters(self.base).total
+        fraction = activation_checkpointing(base)
+        if fraction:
+            apply_activation_checkpointing(self.base, fraction)
+        self.model: Any = None  # a peft model around `base` once the first adapter joins
+        self.autocast = self.workers.autocast(base.training.precision)
+        self.layout = PackedRows()
+        self.adapters: dict[str, _Adapter] = {}
+        self._mask_length = base.data.max_length
+
+    # ---- adapters joining and leaving ------------------------------------------------------------------------
+
+    def add(self, name: str, config: FinetuneConfig, *, resume_from: str | Path | None = None) -> None:
+        """Add adapter `name` trained as `config` says, initialised as a solo run of it would be.
+
+        Args:
+            name: the adapter's name in the pack (a Tune trial id, say).
+            config: its run config; it must share the pack's `pack_key`.
+            resume_from: a checkpoint of this config (written by a solo or a packed run) to continue from.
+
+        Raises:
+            ConfigError: `config` does not share the pack's base, data and numerics, or cannot be packed.
+        """
+        problems = pack_problems(config)
+        if pack_key(config) != self.key:
+            problems.append("its base model, data, seed or numeric set-up differ from the pack's")
+        if name in self.adapters:
+            problems.append(f"an adapter named {name!r} is already in the pack")
+        if config.adapter.modules_to_save:
+            problems.extend(self._modules_to_save_problems(config))
+        if problems:
+            raise ConfigError([f"adapter {name!r} cannot join the pack: {p}" for p in problems])
+        from peft import get_peft_model
+
+        peft_config, targets = lora_config(unwrap(self._current()), config.adapter)
+        torch.manual_seed(config.training.seed)  # the adapter's initial weights, as in the solo run
+        if self.model is None:
+            self.model = get_peft_model(self.base, peft_config, adapter_name=name)
+        else:
+            self.model.add_adapter(name, peft_config)
+        self.model.to(self.workers.device)  # new adapter weights are created on the CPU
+        install_lean_lora(self.model, routed=True)
+        seed_dropout(self.model, None, self._mask_length)  # layer keys; each adapter's seeds ride in the rows
+        for module in self.model.modules():
+            if getattr(module, "_raylora_branch", None) is not None:
+                module._raylora_rows = self.layout
+        self.model.set_requires_grad(name, requires_grad=True)
+        named = [(n, p) for n, p in self.model.named_parameters() if _owned_by(n, name)]
+        params = [p for _, p in named]
+        optimizer = torch.optim.AdamW(
+            params,
+            lr=config.training.learning_rate,
+            weight_decay=config.training.weight_decay,
+            betas=(0.9, 0.999),
+        )
+        trainable = sum(p.numel() for p in params)
+        total = self._base_params + trainable
+        adapter = _Adapter(
+            name=name,
+            config=config,
+            targets=targets,
+            params=params,
+            optimizer=optimizer,
+            scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(config.training)),
+            seeds=DropoutSeeds(config.training.seed, rows=config.training.batch_size),
+            parameters={
+                TRAINABLE_PARAMS: float(trainable),
+                TOTAL_PARAMS: float(total),
+                TRAINABLE_PERCENT: 100.0 * trainable / total if total else 0.0,
+            },
+        )
+        if resume_from is not None:
+            adapter.global_step = self._load(adapter, named, Path(resume_from))
+        adapter.batches = self._batches(config, start=adapter.global_step * config.training.grad_accum_steps)
+        self.adapters[name] = adapter
+        self.model.train()
+
+    def remove(self, name: str) -> None:
+        """Take adapter `name` out of the pack and free its weights and optimizer state."""
+        adapter = self.adapters.pop(name, None)
+        if adapter is None:
+            return
+        adapter.optimizer.state.clear()
+        adapter.params.clear()
+        if self.adapters:
+            self.model.delete_adapter(name)
+        else:
+            # peft keeps no model without an adapter: back to the bare base, which the next adapter wraps anew.
+            # `unload()` keeps the active adapter's trained copy of a module trained in full: put the frozen
+            # original back.
+            from peft.utils.other import ModulesToSaveWrapper
+
+            originals = [
+                (path, module.original_module)
+                for path, module in unwrap(self.model).named_modules()
+                if isinstance(module, ModulesToSaveWrapper)
+            ]
+            self.base = self.model.unload()
+            for path, original in originals:
+                self.base.set_submodule(path, original)
+            self.model = None
+
+    # ---- one packed step ----------------------------------------------------------------------------------------
+
+    def step(self) -> PackedStep:
+        """One micro-batch of every active (not paused) adapter through the base together.
+
+        Returns the step metrics (train loss, gradient norm) of each adapter that completed an optimizer step
+        now, its gradient accumulation done, and the adapters whose loss became NaN or infinite: those have
+        not stepped; the caller takes them out of the pack. The other adapters are untouched by them.
+        """
+        result = PackedStep()
+        active = [a for a in self.adapters.values() if not a.paused]
+        if not active:
+            return result
+        started = time.perf_counter()
+        for adapter in active:
+            if adapter.first_step_at is None:
+                adapter.first_step_at = time.time()
+        micro_batches = [self._next_micro_batch(adapter) for adapter in active]
+        batch = _concatenate(micro_batches, self.tokenizer.pad_token_id)
+        rows, first = [], 0
+        for adapter, micro_batch in zip(active, micro_batches, strict=True):
+            end = first + micro_batch["input_ids"].size(0)
+            adapter.seeds.set(adapter.global_step, adapter.micro)
+            rows.append((adapter.name, first, end, adapter.seeds.tensor))
+            adapter.window_tokens += int(micro_batch["attention_mask"].sum())  # on the CPU: no device sync
+            first = end
+        self.layout.rows = rows
+        batch = {k: v.to(self.workers.device, non_blocking=True) for k, v in batch.items()}
+        with self.autocast:
+            output = forward(self.model, batch)
+        total = None
+        for adapter, micro_batch, (_, start, end, _) in zip(active, micro_batches, rows, strict=True):
+            width = micro_batch["labels"].size(1)  # the adapter's own row width, without the pack's padding
+            head = self._head(adapter.name, output)
+            own = ModelOutput(output.hidden[start:end, :width], head, output.autocast_dtype)
+            labels = batch["labels"][start:end, :width]
+            loss = token_loss_sum(own, labels, adapter.config.training.label_smoothing)
+            adapter.loss_sum += loss.detach()
+            scaled = loss / max(adapter.step_targets, 1.0)
+            total = scaled if total is None else total + scaled
+        total.backward()
+        share = (time.perf_counter() - started) / len(active)
+        for adapter in active:
+            adapter.micro += 1
+            adapter.train_time += share
+            if adapter.micro < adapter.config.training.grad_accum_steps:
+                continue
+            try:
+                result.stepped[adapter.name] = self._optimizer_step(adapter)
+            except NonFiniteLossError as error:
+                result.failed[adapter.name] = error
+        return result
+
+    def _next_micro_batch(self, adapter: _Adapter) -> dict[str, torch.Tensor]:
+        if adapter.micro == 0:
+            # All micro-batches of the step at its start, as a solo step takes them: the step's loss is the
+            # mean over every trained token of all of them.
+            accum = adapter.config.training.grad_accum_steps
+            adapter.pending = [next(adapter.batches) for _ in range(accum)]
+            adapter.step_targets = float(sum(count_targets(mb) for mb in adapter.pending))
+            adapter.loss_sum = 0.0
+        return adapter.pending.pop(0)
+
+    def _optimizer_step(self, adapter: _Adapter) -> dict[str, float]:
+        cfg = adapter.config.training
+        adapter.micro = 0
+        # note: float() is a device-host sync point, once per optimizer step of each adapter
+        train_loss = float(adapter.loss_sum) / max(adapter.step_targets, 1.0)
+        if not math.isfinite(train_loss):
+            adapter.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(
+                f"adapter {adapter.name!r}: train loss is {train_loss} at step {adapter.global_step + 1}; lower "
+                f"`training.learning_rate` (now {cfg.learning_rate}) or set `training.max_grad_norm`"
+            )
+        grad_norm = clip_and_measure(adapter.params, cfg.max_grad_norm)
+        adapter.optimizer.step()
+        adapter.scheduler.step()
+        adapter.optimizer.zero_grad(set_to_none=True)
+        adapter.global_step += 1
+        return {TRAIN_LOSS: train_loss, GRAD_NORM: grad_norm}
+
+    # ---- per adapter: metrics, eval, checkpoints ------------------------------------------------------------
+
+    def train_metrics(self, name: str, step_metrics: dict[str, float]) -> dict[str, float]:
+        """Adapter `name`'s train report at a log step, with the keys `LoraRecipe.train_metrics` writes."""
+        adapter = self.adapters[name]
+        elapsed = time.perf_counter() - adapter.window_start
+        adapter.tokens_seen += adapter.window_tokens
+        metrics = {
+            STEP: float(adapter.global_step),
+            **step_metrics,
+            LEARNING_RATE: adapter.scheduler.get_last_lr()[0],
+            TOKENS_PER_SEC: adapter.window_tokens / max(elapsed, 1e-9),
+            TOKENS_SEEN: adapter.tokens_seen,
+            TRAIN_TIME_S: adapter.train_time,
+            PEAK_MEMORY_GIB: peak_memory_gib(self.workers.device),
+            **adapter.parameters,
+        }
+        adapter.window_tokens = 0.0
+        adapter.window_start = time.perf_counter()
+        return metrics
+
+    def evaluate(self, name: str) -> float:
+        """Adapter `name`'s mean eval loss over the eval split, its rows alone, as its solo run evaluates."""
+        adapter = self.adapters[name]
+        cfg = adapter.config.training
+        saved, self.layout.rows = self.layout.rows, [(name, 0, cfg.batch_size, None)]
+        try:
+            return evaluate_loss(
+                self.model,
+                self.data,
+                batch_size=cfg.batch_size,
+                max_batches=cfg.eval_batches,
+                workers=self.workers,
+                autocast=self.autocast,
+                pad_id=self.tokenizer.pad_token_id,
+                head=self._head(name, None),
+            )
+        finally:
+            self.layout.rows = saved
+            adapter.window_start = time.perf_counter()  # eval time is not training throughput
+
+    def save_adapter(self, name: str, directory: Path) -> Path:
+        """Adapter `name` as a solo run writes it: loadable by plain peft, with the tokenizer and run config."""
+        adapter = self.adapters[name]
+        with tempfile.TemporaryDirectory(prefix="raylora-pack-") as tmp:
+            # peft writes an adapter other than "default" into a folder named after it.
+            self.model.save_pretrained(tmp, selected_adapters=[name])
+            directory.mkdir(parents=True, exist_ok=True)
+            for file in (Path(tmp) / name).iterdir():
+                shutil.move(str(file), directory / file.name)
+        write_run_files(directory, self.tokenizer, adapter.config, adapter.targets)
+        return directory
+
+    def save_checkpoint(self, name: str) -> Path:
+        """A resumable checkpoint of adapter `name` under its `output_dir`, in the format a solo run uses."""
+        adapter = self.adapters[name]
+        directory = self.save_adapter(name, checkpoint_dir(adapter.config, adapter.global_step))
+        names = {id(p): _solo_name(n, name) for n, p in self.model.named_parameters() if _owned_by(n, name)}
+        ordered = [names[id(p)] for p in adapter.params]
+        optimizer = adapter.optimizer.state_dict()
+        write_trainer_state(
+            directory,
+            step=adapter.global_step,
+            adapter={names[id(p)]: p.detach().to("cpu", copy=True) for p in adapter.params},
+            optimizer={
+                "state": {ordered[i]: _to_cpu(v) for i, v in optimizer["state"].items()},
+                "param_groups": [
+                    {
+                        **{k: v for k, v in g.items() if k != "params"},
+                        "params": [ordered[i] for i in g["params"]],
+                    }
+                    for g in optimizer["param_groups"]
+                ],
+            },
+            scheduler=adapter.scheduler.state_dict(),
+            config=adapter.config,
+            world_size=1,
+        )
+        return directory
+
+    # ---- helpers --------------------------------------------------------------------------------------------
+
+    def _load(self, adapter: _Adapter, named: list[tuple[str, torch.nn.Parameter]], directory: Path) -> int:
+        """Restore a checkpoint written for this config (solo or packed) into `adapter`; return its step."""
+        state = read_trainer_state(directory)
+        by_solo_name = {_solo_name(n, adapter.name): p for n, p in named}
+        if set(state["adapter"]) != set(by_solo_name):
+            missing = sorted(set(by_solo_name) - set(state["adapter"]))[:3]
+            raise ConfigError(
+                f"checkpoint {str(directory)!r} was written for another adapter shape (no weights for e.g. "
+                f"{missing}); resume with the `adapter` config that wrote it"
+            )
+        with torch.no_grad():
+            for solo, param in by_solo_name.items():
+                param.copy_(state["adapter"][solo])
+        saved = state["optimizer"]
+        index = {solo: i for i, solo in enumerate(_solo_name(n, adapter.name) for n, _ in named)}
+        adapter.optimizer.load_state_dict(
+            {
+                "state": {index[k]: v for k, v in saved["state"].items()},
+                "param_groups": [
+                    {
+                        **{k: v for k, v in g.items() if k != "params"},
+                        "params": [index[p] for p in g["params"]],
+                    }
+                    for g in saved["param_groups"]
+                ],
+            }
+        )
+        adapter.scheduler.load_state_dict(state["scheduler"])
+        return int(state["step"])
+
+    def _batches(self, config: FinetuneConfig, *, start: int):
+        return iterate_batches(
+            self.data.train,
+            batch_size=config.training.batch_size,
+            seed=config.training.seed,
+            pad_id=self.tokenizer.pad_token_id,
+            start=start,
+        )
+
+    def _current(self) -> torch.nn.Module:
+        """The model as it stands: the peft model while adapters are in the pack, else the bare base."""
+        return self.model if self.model is not None else self.base
+
+    def _head(self, name: str, output: ModelOutput | None) -> torch.nn.Module | None:
+        """The output head adapter `name` trains against: its own copy if it trains the head, else the frozen one."""
+        if output is not None and output.head is None:
+            return None  # the model's own logits (a head the loss does not apply itself)
+        head = chunkable_head(self.model)
+        copies = getattr(head, "modules_to_save", None)
+        if copies is None:
+            return head
+        if name in copies:  # a ModuleDict: no .get()
+            return copies[name]
+        return head.original_module
+
+    def _modules_to_save_problems(self, config: FinetuneConfig) -> list[str]:
+        # Only the output head can be trained in full by one adapter of a pack: the loss applies each
+        # adapter's own copy of it to that adapter's rows. Any other module would run on every row.
+        model = unwrap(self._current())
+        head = model.get_output_embeddings()
+        head_names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if m is head}
+        others = [m for m in config.adapter.modules_to_save if m not in head_names and m != "lm_head"]
+        problems = []
+        if others:
+            problems.append(
+                f"`adapter.modules_to_save` names {others}; in a pack only the output head can be"
+            )
+        if chunkable_head(self._current()) is None:
+            problems.append(
+                f"`adapter.modules_to_save` trains the output head of a {model.config.model_type} model, whose "
+                "logits the loss does not compute itself"
+            )
+        return problems
+
+
+def _owned_by(parameter: str, adapter: str) -> bool:
+    return f".{adapter}." in parameter
+
+
+def _solo_name(parameter: str, adapter: str) -> str:
+    return parameter.replace(f".{adapter}.", ".default.")
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    return value
+
+
+def _concatenate(parts: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """One batch of every adapter's micro-batch, rows in order, padded on the right to the longest row.
+
+    Padding continues each row as `raylora.data` pads it: `pad_id`, ignored labels, a zero attention mask,
+    position ids counting on.
+    """
+    width = max(part["input_ids"].size(1) for part in parts)
+    padded = []
+    for part in parts:
+        extra = width - part["input_ids"].size(1)
+        if extra:
+            more = part["position_ids"][:, -1:] + torch.arange(1, extra + 1)
+            part = {
+                "input_ids": torch.nn.functional.pad(part["input_ids"], (0, extra), value=pad_id),
+                "labels": torch.nn.functional.pad(part["labels"], (0, extra), value=IGNORE_INDEX),
+                "attention_mask": torch.nn.functional.pad(part["attention_mask"], (0, extra), value=0),
+                "position_ids": torch.cat([part["position_ids"], more], dim=1),
+            }
+        padded.append(part)
+    return {key: torch.cat([part[key] for part in padded]) for key in padded[0]}

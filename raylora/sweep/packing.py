@@ -1,0 +1,501 @@
+"""Packed trials: Tune trials whose adapters train together, one engine process per GPU holding the base once.
+
+Tune stays in charge: every trial is still a trial, with its own config, reports, checkpoints, MLflow run,
+ASHA decisions, retries and `--resume`. What changes is where its loop runs. A packed trial is a light
+process (a sliver of a CPU) that hands its config to the engine of its node and relays the engine's reports
+to Tune (`run_packed_trial`). The engine (`PackEngine`, a Ray actor holding the GPU) trains the adapters of up
+to K trials at once with `raylora.packed.PackedTrainer`.
+
+The hand-off at each eval: the engine evaluates the adapter, writes its checkpoint and pauses it; the trial
+reports to Tune, which blocks until the scheduler has decided; if the trial goes on, it tells the engine to
+resume the adapter; if ASHA stopped it, Tune ends the trial's thread and the trial tells the engine to drop
+the adapter. So a stopped adapter trains not one step past its last eval, and its slot goes to a waiting
+trial at the next step.
+
+Engines are named Ray actors on the trial's node (`raylora-pack/<sweep>/<node>/<n>`), created by the first
+trial that needs one and detached from it, so that they outlive any one trial; the sweep driver removes them
+when the sweep ends (`stop_engines`), and an engine with no adapter for `_IDLE_EXIT_S` exits on its own. If an
+engine dies, its trials' relays fail, and Tune retries them from their last checkpoints like any failed
+trial; a retried trial starts a new engine.
+
+How many adapters share an engine: at most `Sweep.pack` (a number), and on a GPU only as many as fit, from
+the memory the first step of each adapter took (`_Admission`).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from raylora.config import ConfigError, FinetuneConfig
+from raylora.names import (
+    EVAL_LOSS,
+    EVAL_PERPLEXITY,
+    FIRST_STEP_AT,
+    PACK_ENGINE,
+    PACK_SIZE,
+    SETUP_TIME_S,
+    STEP,
+    TRAIN_HISTORY,
+    WALL_TIME_S,
+)
+
+__all__ = ["engine_prefix", "run_packed_trial", "stop_engines"]
+
+# An engine with no adapter and no trial waiting for this long shuts itself down (a driver that died
+# without removing it leaves no GPU held).
+_IDLE_EXIT_S = 120.0
+# A trial that has not taken its eval report or said to go on for this long is taken for dead.
+_ABANDONED_S = 900.0
+# The share of GPU memory an engine fills with adapters at most; the rest is headroom for fragmentation.
+_MEMORY_FILL = 0.85
+_EVENT_WAIT_S = 5.0
+
+
+def engine_prefix(sweep_name: str) -> str:
+    """The name prefix of a sweep's engines (Ray named actors)."""
+    return f"raylora-pack/{sweep_name}/"
+
+
+# ---- the trial side: a relay between the engine and Tune ------------------------------------------------------
+
+
+def run_packed_trial(
+    config: FinetuneConfig, spec: dict[str, Any], trial_id: str, placement: dict[str, Any]
+) -> None:
+    """Train `config` in the engine of this node and relay its reports to Tune, as `train` would report them.
+
+    Raises:
+        NonFiniteLossError: the adapter's loss diverged (the engine says at which step).
+        RuntimeError: the engine failed on the step that held this adapter (Tune retries the trial).
+    """
+    import ray
+    from ray import tune
+
+    from raylora.recipe import NonFiniteLossError
+
+    name = f"trial_{trial_id}"  # not a prefix of peft's "lora_" names
+    checkpoint = tune.get_checkpoint()
+    engine = _engine_for(spec, config, name)
+    ray.get(engine.join.remote(name, config.to_dict(), checkpoint))
+    try:
+        while True:
+            event = ray.get(engine.next_event.remote(name, _EVENT_WAIT_S))
+            if event is None:
+                continue
+            if "error" in event:
+                kind = NonFiniteLossError if event.get("nonfinite") else RuntimeError
+                raise kind(event["error"])
+            result = {**event["metrics"], **placement, TRAIN_HISTORY: event["history"]}
+            # Blocks until the scheduler has decided; a stop ends this thread here (SystemExit).
+            tune.report(result, checkpoint=tune.Checkpoint.from_directory(event["checkpoint"]))
+            if event["final"]:
+                return
+            ray.get(engine.resume.remote(name))
+    finally:
+        engine.leave.remote(name)
+
+
+def _engine_for(spec: dict[str, Any], config: FinetuneConfig, name: str):
+    """An engine on this node that trains `config`'s base: the first with a free slot, starting one on the next
+    free device when all are full, else the least loaded (where the trial waits for a slot)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = ray.get_runtime_context().get_node_id()
+    res = spec["resources"]
+    use_gpu = res["gpus_per_worker"] > 0
+    devices = _node_gpus(node) if use_gpu else 1
+    if devices == 0:
+        raise ConfigError(
+            f"trial {name} runs on node {node[:12]}, which has no GPU for a pack's engine; give every node GPUs "
+            "(start a CPU-only head with `--num-cpus 0`) or set `Sweep(pack=False)`"
+        )
+    prefix = f"{engine_prefix(spec['name'])}{node[:12]}/"
+    loads = []
+    for index in range(devices):
+        engine = PackEngine.options(
+            name=f"{prefix}{index}",
+            namespace=spec["namespace"],
+            get_if_exists=True,
+            lifetime="detached",
+            num_cpus=res["cpus_per_worker"],
+            num_gpus=1.0 if use_gpu else 0.0,
+            max_concurrency=64,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+        ).remote(f"{prefix}{index}", spec["pack"])
+        load = ray.get(engine.load.remote(name, config.to_dict()))
+        if load is not None and load < 1.0:
+            return engine
+        if load is not None:
+            loads.append((load, index, engine))
+    if not loads:
+        raise ConfigError(
+            f"trial {name}: every pack engine on node {node[:12]} trains another base or dataset; the search "
+            "space must not vary the model, the data or the numeric set-up of a packed sweep"
+        )
+    return min(loads, key=lambda item: item[:2])[2]
+
+
+def _node_gpus(node: str) -> int:
+    import ray
+
+    for info in ray.nodes():
+        if info.get("NodeID") == node:
+            return int(info.get("Resources", {}).get("GPU", 0))
+    return 0
+
+
+def stop_engines(sweep_name: str, namespace: str) -> int:
+    """Remove the engines of a sweep (the driver calls it when the sweep ends); returns how many."""
+    import ray
+
+    stopped = 0
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry.get("namespace") == namespace and entry["name"].startswith(engine_prefix(sweep_name)):
+            try:
+                ray.kill(ray.get_actor(entry["name"], namespace=namespace))
+                stopped += 1
+            except ValueError:  # already gone
+                pass
+    return stopped
+
+
+# ---- the engine -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Member:
+    """A trial's adapter in the engine, with what its reports carry between evals."""
+
+    config: FinetuneConfig
+    events: queue.Queue
+    joined: float
+    joined_at: float  # the same moment, wall clock (unix seconds)
+    history: list[dict[str, float]]
+    logged: dict[str, float]
+    waiting_since: float | None = None  # paused for the trial's answer to an eval report since
+    final: bool = False
+
+
+class _Admission:
+    """How many adapters fit: a count cap, and on a GPU the memory the adapters' first steps took."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.per_adapter_bytes: float | None = None
+
+    def capacity(self, active: int, device) -> int:
+        """Adapters this engine can hold: the cap, and on a GPU what the free memory takes at the measured rate."""
+        if device is None or device.type != "cuda" or not active or self.per_adapter_bytes is None:
+            return self.cap
+        import torch
+
+        total = torch.cuda.get_device_properties(device).total_memory
+        free = _MEMORY_FILL * total - torch.cuda.max_memory_allocated(device)
+        return max(1, min(self.cap, active + int(free // self.per_adapter_bytes)))
+
+    def room(self, active: int, device) -> bool:
+        return active < self.capacity(active, device)
+
+    def measured(self, active: int, base_bytes: float, device) -> None:
+        """Learn the memory one adapter (weights, optimizer, activations of its rows) takes from a step's peak."""
+        if device.type == "cuda" and active:
+            import torch
+
+            peak = torch.cuda.max_memory_allocated(device)
+            self.per_adapter_bytes = max(self.per_adapter_bytes or 0.0, (peak - base_bytes) / active)
+
+
+def _engine_class():
+    import ray
+
+    @ray.remote
+    class PackEngine:
+        """One process, one device, one base: the adapters of up to `cap` trials trained together."""
+
+        def __init__(self, name: str, cap: int) -> None:
+            self.name = name
+            self._admission = _Admission(cap)
+            self._cond = threading.Condition()
+            self._waiting: list[tuple[str, FinetuneConfig, Any, float]] = []
+            self._members: dict[str, _Member] = {}
+            self._leaving: set[str] = set()
+            self._trainer = None
+            self._key: str | None = None
+            self._base_bytes = 0.0
+            self._idle_since = time.monotonic()
+            self._queues: dict[str, queue.Queue] = {}
+            self._thread = threading.Thread(target=self._run, name="pack-engine", daemon=True)
+            self._thread.start()
+
+        # -- called by trials --
+
+        def load(self, name: str, config: dict[str, Any]) -> float | None:
+            """How full this engine is for `config` (adapters and waiting trials over the slots it can fill), or
+            None when it trains another base or dataset."""
+            from raylora.packed import pack_key
+
+            with self._cond:
+                key = pack_key(FinetuneConfig.from_dict(config))
+                if self._key is not None and key != self._key:
+                    return None
+                if name in self._members or any(w[0] == name for w in self._waiting):
+                    return 0.0  # a retry of a trial it holds
+                device = self._trainer.workers.device if self._trainer is not None else None
+                slots = self._admission.capacity(len(self._members), device)
+                return (len(self._members) + len(self._waiting)) / max(slots, 1)
+
+        def join(self, name: str, config: dict[str, Any], checkpoint: Any) -> None:
+            from raylora.packed import pack_key
+
+            parsed = FinetuneConfig.from_dict(config)
+            with self._cond:
+                if self._key is None:
+                    self._key = pack_key(parsed)
+                if name in self._members:  # a retried trial: drop the adapter of its failed attempt
+                    self._leaving.add(name)
+                self._waiting.append((name, parsed, checkpoint, time.time()))
+                self._queues[name] = queue.Queue()  # nothing an earlier attempt left behind
+                self._cond.notify_all()
+
+        def next_event(self, name: str, timeout_s: float) -> dict[str, Any] | None:
+            try:
+                return self._events(name).get(timeout=timeout_s)
+            except queue.Empty:
+                return None
+
+        def resume(self, name: str) -> None:
+            with self._cond:
+                member = self._members.get(name)
+                if member is not None:
+                    member.waiting_since = None
+                    if member.final:
+                        self._leaving.add(name)
+                    elif self._trainer is not None and name in self._trainer.adapters:
+                        self._trainer.adapters[name].paused = False
+                self._cond.notify_all()
+
+        def leave(self, name: str) -> None:
+            with self._cond:
+                self._waiting = [w for w in self._waiting if w[0] != name]
+                self._leaving.add(name)
+                self._cond.notify_all()
+
+        def stats(self) -> dict[str, Any]:
+            """What the engine holds now (for tests and benchmarks)."""
+            import torch
+
+            from raylora.distributed import Workers
+
+            device = Workers.detect().device
+            with self._cond:
+                return {
+                    "name": self.name,
+                    "adapters": sorted(self._members),
+                    "waiting": [w[0] for w in self._waiting],
+                    "cap": self._admission.cap,
+                    "peak_memory_bytes": torch.cuda.max_memory_allocated(device)
+                    if device.type == "cuda"
+                    else 0,
+                }
+
+        # -- the training thread --
+
+        def _events(self, name: str) -> queue.Queue:
+            return self._queues.setdefault(name, queue.Queue())
+
+        def _run(self) -> None:
+            while True:
+                with self._cond:
+                    self._apply_leaves()
+                    self._admit()
+                    runnable = self._trainer is not None and any(
+                        not a.paused for a in self._trainer.adapters.values()
+                    )
+                    if not runnable:
+                        if not self._members and not self._waiting:
+                            if time.monotonic() - self._idle_since > _IDLE_EXIT_S:
+                                break
+                        else:
+                            self._idle_since = time.monotonic()
+                        self._drop_abandoned()
+                        self._cond.wait(timeout=1.0)
+                        continue
+                    self._idle_since = time.monotonic()
+                try:
+                    step = self._trainer.step()
+                except Exception as error:  # an OOM or a broken batch: every adapter of the step is affected
+                    traceback.print_exc()
+                    self._fail_all(error)
+                    continue
+                active = len(self._trainer.adapters)
+                self._admission.measured(active, self._base_bytes, self._trainer.workers.device)
+                for name, failure in step.failed.items():
+                    self._send(name, {"error": str(failure), "nonfinite": True})
+                    with self._cond:
+                        self._leaving.add(name)
+                for name, metrics in step.stepped.items():
+                    self._after_step(name, metrics)
+            os._exit(0)  # idle: give the device back (the actor is not restarted)
+
+        def _admit(self) -> None:
+            """Bring waiting trials in while there is room (called with the lock held)."""
+            from raylora.packed import PackedTrainer
+
+            while self._waiting:
+                device = self._trainer.workers.device if self._trainer is not None else None
+                active = len(self._trainer.adapters) if self._trainer is not None else 0
+                if device is not None and not self._admission.room(active, device):
+                    return
+                name, config, checkpoint, joined_at = self._waiting.pop(0)
+                events = self._events(name)
+                try:
+                    if self._trainer is None:
+                        self._trainer = PackedTrainer(config)
+                        self._base_bytes = _allocated(self._trainer.workers.device)
+                    resume_dir = _local_copy(checkpoint, config) if checkpoint is not None else None
+                    self._trainer.add(name, config, resume_from=resume_dir)
+                except Exception as error:
+                    traceback.print_exc()  # the engine's log (the Ray dashboard's actor logs) keeps the trace
+                    events.put({"error": f"{type(error).__name__}: {error}", "nonfinite": False})
+                    continue
+                self._members[name] = _Member(config, events, time.monotonic(), joined_at, [], {})
+
+        def _apply_leaves(self) -> None:
+            for name in list(self._leaving):
+                self._leaving.discard(name)
+                member = self._members.pop(name, None)
+                if member is None:
+                    continue
+                if self._trainer is not None:
+                    self._trainer.remove(name)
+                shutil.rmtree(member.config.training.output_dir, ignore_errors=True)
+                _release_device_memory()
+
+        def _drop_abandoned(self) -> None:
+            now = time.monotonic()
+            for name, member in self._members.items():
+                if member.waiting_since is not None and now - member.waiting_since > _ABANDONED_S:
+                    self._leaving.add(name)
+
+        def _after_step(self, name: str, metrics: dict[str, float]) -> None:
+            trainer, member = self._trainer, self._members[name]
+            adapter = trainer.adapters[name]
+            step, cfg = adapter.global_step, member.config.training
+            last_step = step >= cfg.max_steps
+            if step % cfg.log_every == 0 or last_step:
+                member.logged = trainer.train_metrics(name, metrics)
+                # The trial's fixed cost: from joining (waiting for a slot and the base's load included) to
+                # its first step.
+                member.logged[FIRST_STEP_AT] = adapter.first_step_at
+                member.logged[SETUP_TIME_S] = adapter.first_step_at - member.joined_at
+                member.history.append(dict(member.logged))
+            if step % cfg.eval_every != 0 and not last_step:
+                return
+            eval_loss = trainer.evaluate(name)
+            checkpoint = trainer.save_checkpoint(name)
+            import math
+
+            report = {
+                **member.logged,
+                STEP: float(step),
+                EVAL_LOSS: eval_loss,
+                EVAL_PERPLEXITY: math.exp(min(eval_loss, 50.0)),
+                WALL_TIME_S: time.monotonic() - member.joined,
+                PACK_ENGINE: self.name,
+                PACK_SIZE: float(len(trainer.adapters)),
+            }
+            with self._cond:
+                adapter.paused = True  # until the trial says Tune let it go on
+                member.waiting_since = time.monotonic()
+                member.final = last_step
+            history, member.history = member.history, []
+            self._send(
+                name,
+                {"metrics": report, "history": history, "checkpoint": str(checkpoint), "final": last_step},
+            )
+
+        def _send(self, name: str, event: dict[str, Any]) -> None:
+            self._events(name).put(event)
+
+        def _fail_all(self, error: Exception) -> None:
+            message = f"the pack's step failed ({type(error).__name__}: {error}); the trial is retried"
+            with self._cond:
+                for name in list(self._members):
+                    self._send(name, {"error": message, "nonfinite": False})
+                    self._leaving.add(name)
+                if "out of memory" in str(error).lower():
+                    # Fewer adapters next time: the memory measured so far was not enough.
+                    self._admission.cap = max(1, len(self._members) - 1)
+
+    return PackEngine
+
+
+def _allocated(device) -> float:
+    if device.type != "cuda":
+        return 0.0
+    import torch
+
+    return float(torch.cuda.memory_allocated(device))
+
+
+def _release_device_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _local_copy(checkpoint, config: FinetuneConfig) -> str:
+    target = Path(config.training.output_dir) / "resume"
+    shutil.rmtree(target, ignore_errors=True)
+    return checkpoint.to_directory(str(target))
+
+
+class _LazyEngine:
+    """`PackEngine` built on first use, so that importing this module does not import Ray."""
+
+    _cls = None
+
+    def __getattr__(self, name: str) -> Any:
+        if _LazyEngine._cls is None:
+            _LazyEngine._cls = _engine_class()
+        return getattr(_LazyEngine._cls, name)
+
+
+PackEngine = _LazyEngine()
+
+
+def pack_problems_of_sweep(sweep) -> list[str]:
+    """Why a sweep's trials cannot share engines (empty: they can), from the sweep definition alone."""
+    from raylora.packed import _SHARED_FIELDS, pack_problems
+    from raylora.sweep.spec import _candidate_configs
+
+    problems: list[str] = []
+    if sweep.resources.workers != 1:
+        problems.append(f"its trials run on {sweep.resources.workers} workers; a pack trains on one")
+    searched = sorted(
+        key for key in sweep.search_space if any(key == f or key.startswith(f + ".") for f in _SHARED_FIELDS)
+    )
+    if searched:
+        problems.append(
+            f"the search space varies {', '.join(searched)}, which the adapters of a pack share (one base, one "
+            "dataset)"
+        )
+    keys = ("adapter.use_dora", "adapter.peft_kwargs", "adapter.modules_to_save", "training.compile")
+    for sampled in _candidate_configs(sweep.search_space, keys):
+        for problem in pack_problems(sweep.trial_config(sampled)):
+            if problem not in problems:
+                problems.append(problem)
+    return problems

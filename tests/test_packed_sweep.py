@@ -1,0 +1,159 @@
+"""Packed sweeps on a real local Ray cluster (2 CPUs): Tune stays in charge while an engine holds the base.
+
+The engine is a real Ray actor running `PackedTrainer`; trials relay its reports to Tune, ASHA decides, and
+MLflow-free runs keep the test short. On the CPU packing is slower than separate trials (one process does
+the work of two); what these tests check is that it computes the same thing and that Tune's decisions,
+retries and checkpoints work through it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import ray
+from ray import tune
+
+from raylora.config import ConfigError, demo_config
+from raylora.names import EVAL_LOSS, PACK_ENGINE, STEP
+from raylora.sweep import Resources, Sweep, run_sweep
+from raylora.sweep.packing import engine_prefix
+from raylora.training import train
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="raylora-tests")
+    yield
+    ray.shutdown()
+
+
+def _base(steps: int):
+    base = demo_config()
+    base.training.max_steps = steps
+    base.training.eval_every = 10
+    base.training.eval_batches = 2
+    base.training.warmup_steps = 2
+    return base
+
+
+class _Last:
+    def __init__(self) -> None:
+        self.eval_loss: float | None = None
+
+    def report(self, metrics, *, checkpoint_dir=None):
+        if EVAL_LOSS in metrics:
+            self.eval_loss = metrics[EVAL_LOSS]
+
+
+def _engines(sweep_name: str) -> list[str]:
+    return [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith(engine_prefix(sweep_name))
+    ]
+
+
+def test_a_packed_sweep_under_asha_trains_what_each_trial_trains_alone(tmp_path):
+    # Two good trials first and two hopeless ones, two adapters at a time: ASHA stops the hopeless ones at
+    # the first rung (far below the good ones), their adapters leave the pack and the next trials join it.
+    # (Of the two good ones, ASHA may stop either at the second rung: in a pack their losses differ in the
+    # last bits, so they are not a tie.)
+    sweep = Sweep(
+        name="packed-asha",
+        base=_base(40),
+        search_space={"training.learning_rate": tune.grid_search([4e-3, 4e-3, 1e-7, 1e-7])},
+        search_alg="grid",
+        scheduler="asha",
+        grace_period=10,
+        reduction_factor=2,
+        num_samples=1,
+        resources=Resources(workers=1, cpus_per_worker=1),
+        storage_path=str(tmp_path / "storage"),
+        pack=2,
+    )
+    result = run_sweep(sweep, verbose=0)
+
+    by_lr: dict[float, list] = {}
+    for trial in result.trials:
+        by_lr.setdefault(trial.config["training.learning_rate"], []).append(trial)
+    assert len(result.trials) == 4 and not any(t.status == "ERROR" for t in result.trials), result.table()
+    finished = [t for t in by_lr[4e-3] if t.step == 40]
+    assert finished, result.table()
+    assert any(t.step < 40 for t in by_lr[1e-7]), f"ASHA stopped no hopeless trial early:\n{result.table()}"
+    assert len({t.engine for t in result.trials}) == 1 and result.trials[0].engine, result.table()
+    assert "engine" in result.table().splitlines()[0]
+    assert _engines(sweep.name) == [], "the sweep left its engine running"
+
+    # Exactly what the trial computes alone (fp32 on the CPU: only the order of sums in shared matmuls
+    # differs), through Tune, the relay and the engine.
+    good = finished[0]
+    alone = _Last()
+    config = sweep.trial_config(good.config)
+    config.training.output_dir = str(tmp_path / "alone")
+    train(config, reporter=alone)
+    assert good.metric == pytest.approx(alone.eval_loss, rel=1e-5)
+
+
+class _KillEngineOnce(tune.Callback):
+    """Kills the engine (as an OOM killer would) once Tune has registered a trial's first checkpoint."""
+
+    def __init__(self, sweep_name: str) -> None:
+        self.sweep_name = sweep_name
+        self.killed_at: int | None = None
+        self.steps: dict[str, list[int]] = {}
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.steps.setdefault(trial.trial_id, []).append(int(result[STEP]))
+        assert result[PACK_ENGINE]
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        if self.killed_at is None:
+            self.killed_at = int(trial.last_result[STEP])
+            (name,) = _engines(self.sweep_name)
+            ray.kill(ray.get_actor(name))
+
+
+def test_when_the_engine_dies_its_trials_resume_from_their_checkpoints(tmp_path):
+    killer = _KillEngineOnce("packed-crash")
+    sweep = Sweep(
+        name="packed-crash",
+        base=_base(30),
+        search_space={"adapter.r": tune.grid_search([4, 8])},
+        search_alg="grid",
+        scheduler="fifo",
+        num_samples=1,
+        max_failures=2,
+        resources=Resources(workers=1, cpus_per_worker=1),
+        storage_path=str(tmp_path / "storage"),
+        pack=2,
+    )
+    result = run_sweep(sweep, callbacks=[killer], verbose=0)
+
+    assert killer.killed_at == 10
+    assert all(t.status != "ERROR" and t.step == 30 for t in result.trials), result.table()
+    # Each trial reports every eval once: a restart from step 0 would report step 10 again.
+    assert all(steps == [10, 20, 30] for steps in killer.steps.values()), killer.steps
+
+
+def test_a_pack_that_cannot_apply_is_refused_and_the_auto_setting_says_why(tmp_path, capsys):
+    base = _base(20)
+    varied = {"adapter.r": tune.choice([4, 8]), "data.max_length": tune.choice([64, 128])}
+    sweep = Sweep(name="no-pack", base=base, search_space=varied, storage_path=str(tmp_path), pack=True)
+    with pytest.raises(
+        ConfigError, match=r"`sweep.pack` is True, but the search space varies data.max_length"
+    ):
+        run_sweep(sweep, verbose=0)
+    # By default a GPU sweep packs when it can; when it cannot it says why and runs unpacked (here the
+    # CPU-only cluster then refuses the GPU it asks for).
+    gpu = Sweep(
+        name="gpu-no-pack",
+        base=base,
+        search_space=varied,
+        resources=Resources(gpus_per_worker=1),
+        storage_path=str(tmp_path),
+    )
+    with pytest.raises(ConfigError, match="no node has that much"):
+        run_sweep(gpu, verbose=0)
+    assert "trials run unpacked: the search space varies data.max_length" in capsys.readouterr().err
+    sweep = Sweep(name="bad-pack", base=base, pack=-1)
+    with pytest.raises(ConfigError, match=r"`sweep.pack` must be None"):
+        sweep.validate()
