@@ -59,12 +59,32 @@ def save_adapter(
     state = _adapter_state(model)
     if workers.is_main:
         directory.mkdir(parents=True, exist_ok=True)
+        resolved = _name_base_as_given(model, config.model.name_or_path)
         model.save_pretrained(str(directory), state_dict=state)
+        _name_card_base_as_given(directory / "README.md", resolved, config.model.name_or_path)
         tokenizer.save_pretrained(str(directory))
         _write_json(
             directory / ADAPTER_RUN_CONFIG, {**config.to_dict(), "resolved_target_modules": target_modules}
         )
     return state
+
+
+def _name_base_as_given(model: torch.nn.Module, name: str) -> str | None:
+    """Point the adapter config's `base_model_name_or_path` at the model id the user gave.
+
+    peft records where the base was loaded from, which for a preset is raylora's local cache: a path that
+    means nothing on another machine or in the model registry. Returns the path the base was loaded from.
+    """
+    for peft_config in getattr(model, "peft_config", {}).values():
+        peft_config.base_model_name_or_path = name
+    base_config = getattr(model.get_base_model(), "config", None) if hasattr(model, "get_base_model") else None
+    return getattr(base_config, "_name_or_path", None)
+
+
+def _name_card_base_as_given(card: Path, resolved: str | None, name: str) -> None:
+    """The model card peft writes names the base by its load path too (`base_model:`); use the given id."""
+    if resolved and resolved != name and card.exists():
+        card.write_text(card.read_text().replace(resolved, name))
 
 
 def save_checkpoint(
