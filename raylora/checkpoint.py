@@ -77,7 +77,9 @@ def _name_base_as_given(model: torch.nn.Module, name: str) -> str | None:
     """
     for peft_config in getattr(model, "peft_config", {}).values():
         peft_config.base_model_name_or_path = name
-    base_config = getattr(model.get_base_model(), "config", None) if hasattr(model, "get_base_model") else None
+    base_config = (
+        getattr(model.get_base_model(), "config", None) if hasattr(model, "get_base_model") else None
+    )
     return getattr(base_config, "_name_or_path", None)
 
 

@@ -91,6 +91,10 @@ _SUMMARY_METRICS = (
     TOKENS_SEEN,
     WALL_TIME_S,
 )
+# MLflow's runs table shows every digit of a metric; summaries are rounded to what a comparison reads (a loss to
+# 1e-4, memory to 1 MiB, a token per second). Curves keep full precision.
+_SUMMARY_DIGITS = {PEAK_MEMORY_GIB: 3, TOKENS_PER_SEC: 0, WALL_TIME_S: 1, TRAINABLE_PERCENT: 3}
+_BEST_DIGITS = 4
 _TAG_TRIAL = "raylora.trial_id"
 _TAG_SWEEP = "raylora.sweep"
 _TAG_SWEEP_RUN = "raylora.sweep_run"  # the parent's run name on each child: the trials view groups by it
@@ -282,18 +286,23 @@ class MlflowTracker(tune.Callback):
         """The runs-table columns of both views: the settings people compare, then the numbers."""
         params = ["rank", "alpha", "lr", "target_modules"]
         params += [p for p in self._searched_params() if p not in params]
-        metrics = (self.best_metric, TRAINABLE_PARAMS, PEAK_MEMORY_GIB, TOKENS_PER_SEC, WALL_TIME_S)
+        metrics = (self.best_metric, TRAINABLE_PARAMS, PEAK_MEMORY_GIB)
         return [_column("params", p) for p in params] + [_column("metrics", m) for m in metrics]
 
-    def _order(self) -> dict[str, Any]:
-        return {"orderByKey": _column("metrics", self.best_metric), "orderByAsc": self.sweep.mode == "min"}
+    def _table_layout(self) -> dict[str, Any]:
+        """Columns, sort, and a run-name column wide enough for `r16-a32-lr2.2e-4-all-linear` and group names."""
+        return {
+            "selectedColumns": self._table_columns(),
+            "columnWidths": {_column("attributes", "Run Name"): 340},
+            "orderByKey": _column("metrics", self.best_metric),
+            "orderByAsc": self.sweep.mode == "min",
+        }
 
     def trials_view(self) -> dict[str, Any]:
         """Every trial of the experiment, grouped under its sweep run, best first, with its settings and numbers."""
         return {
             "searchFilter": f"tags.`{_TAG_TRIAL}` != ''",
-            **self._order(),
-            "selectedColumns": self._table_columns(),
+            **self._table_layout(),
             "groupBy": {
                 "aggregateFunction": "min" if self.sweep.mode == "min" else "max",
                 "groupByKeys": [{"mode": "tag", "groupByData": _TAG_SWEEP_RUN}],
@@ -337,11 +346,11 @@ class MlflowTracker(tune.Callback):
             )
         return {
             "searchFilter": f"tags.`mlflow.parentRunId` = '{self.parent_run_id}'",
-            **self._order(),
-            "selectedColumns": self._table_columns(),
+            **self._table_layout(),
             "compareRunCharts": charts,
+            # Two charts a row, so that the parallel coordinates have room for their axes.
             "compareRunSections": [
-                {"uuid": section, "name": "Trials", "display": True, "isReordered": False}
+                {"uuid": section, "name": "Trials", "display": True, "isReordered": False, "columns": 2}
             ],
             "isAccordionReordered": True,
         }
@@ -360,15 +369,15 @@ class MlflowTracker(tune.Callback):
 
     def _experiment_description(self) -> str:
         base = self.sweep.base
+        columns = ", ".join(f"`{c.split('`')[1]}`" for c in self._table_columns())
         return (
-            f"raylora sweep `{self.sweep.name}`: LoRA{'/QLoRA' if base.adapter.qlora else ''} adapters of "
+            f"**[Compare trials]({_runs_fragment(self.experiment_id, TRIALS_VIEW)})** of raylora sweep "
+            f"`{self.sweep.name}`: LoRA{'/QLoRA' if base.adapter.qlora else ''} adapters of "
             f"`{base.model.name_or_path}` on `{base.data.path}`, {self.sweep.metric} ({self.sweep.mode}).\n\n"
-            f"**[Compare trials]({_runs_fragment(self.experiment_id, TRIALS_VIEW)})**: every trial grouped "
-            f"under its sweep run, best `{self.best_metric}` first, with "
-            + ", ".join(f"`{c.split('`')[1]}`" for c in self._table_columns())
-            + ". Each sweep run (`<sweep>-<start>`) is a parent run whose description links a chart comparison "
-            "of its trials; each trial is named after its searched settings "
-            "(`r<rank>-a<alpha>-lr<lr>-<target modules>`), its full config in `trial_config.json`.\n\n"
+            f"The link shows every trial grouped under its sweep run, best `{self.best_metric}` first, with "
+            f"{columns}. Each sweep run (`<sweep>-<start>`) is a parent run whose description links a chart "
+            "comparison of its trials; each trial is named after its searched settings "
+            f"(`r<rank>-a<alpha>-lr<lr>-<target modules>`), its full config in `{TRIAL_CONFIG_ARTIFACT}`. "
             f"Best adapters are registered as `{self.sweep.name}-adapter` (alias `@{BEST_ALIAS}`)."
         )
 
@@ -663,7 +672,7 @@ class MlflowTracker(tune.Callback):
             summary[TOKENS_PER_SEC] = summary[TOKENS_SEEN] / float(train_time)
         if trial_id in self._best:
             summary[self.best_metric] = self._best[trial_id]
-        return summary
+        return {k: _rounded(k, v, self.best_metric) for k, v in summary.items()}
 
     def _end_trial(self, trial, status: str, reason: str | None) -> None:
         from mlflow.entities import Metric, RunTag
@@ -724,7 +733,7 @@ class MlflowTracker(tune.Callback):
                 RunTag("raylora.best_run_id", self.trial_runs.get(trial_id, "")),
                 RunTag("raylora.best_run_name", self.run_names.get(trial_id, "")),
             ]
-            metrics.append(Metric(self.best_metric, value, int(time.time() * 1000), 0))
+            metrics.append(Metric(self.best_metric, round(value, _BEST_DIGITS), int(time.time() * 1000), 0))
             self._register_best(trial_id, value)
         self._retry_pending()
         if self._pending:
@@ -759,7 +768,7 @@ class MlflowTracker(tune.Callback):
             "lr": display_value(float(config.training.learning_rate)),
             "target_modules": display_value(adapter.target_modules),
             "qlora": display_value(bool(adapter.qlora)),
-            self.best_metric: f"{value:.6g}",
+            self.best_metric: f"{round(value, _BEST_DIGITS):g}",
             "sweep_run": self.parent_run_name or "",
             "trial": run_name,
         }
@@ -786,7 +795,10 @@ class MlflowTracker(tune.Callback):
                     name, tags={_TAG_SWEEP: self.sweep.name}, description=model_description
                 )
             version = self.client.create_model_version(
-                name, source=f"runs:/{run_id}/adapter", run_id=run_id, tags=tags, description=description
+                name, source=f"runs:/{run_id}/adapter", run_id=run_id, tags=tags
+            )
+            self.client.update_model_version(
+                name, version.version, description=description.replace("VERSION", str(version.version))
             )
             try:
                 current = self.client.get_model_version_by_alias(name, BEST_ALIAS)
@@ -798,6 +810,11 @@ class MlflowTracker(tune.Callback):
                 self.client.set_registered_model_alias(name, BEST_ALIAS, version.version)
 
         self._call("register best adapter", register)
+
+
+def _rounded(key: str, value: float, best_metric: str) -> float:
+    digits = _BEST_DIGITS if key == best_metric else _SUMMARY_DIGITS.get(key)
+    return value if digits is None else float(round(value, digits))
 
 
 def _field(config: FinetuneConfig, dotted: str) -> Any:
