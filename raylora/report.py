@@ -337,6 +337,8 @@ def _row(record: TrialRecord, keys: list[str]) -> dict[str, Any]:
 def _cell(value: Any) -> str:
     if value is None:
         return "-"
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))  # parameter counts, steps: every digit
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, list | tuple):
@@ -438,8 +440,8 @@ def _plot_parallel(records: list[TrialRecord], keys: list[str], path: Path) -> N
         values = [r.best_eval_loss if key == BEST_EVAL_LOSS else r.params.get(key) for r in records]
         scaled, ticks = _axis(values, log=key == "lr")
         positions.append(scaled)
-        for y, text in ticks:
-            ax.text(index, y, f" {text}", fontsize=7, va="center", ha="left")
+        for y, text in ticks:  # left of the axis, clear of the lines' markers
+            ax.text(index - 0.04, y, text, fontsize=7, va="center", ha="right", color="0.25")
         ax.axvline(index, color="0.8", linewidth=1)
     losses = [r.best_eval_loss if not r.failed else None for r in records]
     finite = [v for v in losses if v is not None]
@@ -460,7 +462,7 @@ def _plot_parallel(records: list[TrialRecord], keys: list[str], path: Path) -> N
     ax.set_xticks(range(len(axes)))
     ax.set_xticklabels(axes)
     ax.set_yticks([])
-    ax.set_xlim(-0.2, len(axes) - 0.2)
+    ax.set_xlim(-0.45, len(axes) - 0.2)
     ax.set_ylim(-0.08, 1.15)
     fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=BEST_EVAL_LOSS, pad=0.12)
     ax.set_title("parallel coordinates: the settings that vary, coloured by best eval loss (failed: grey)")

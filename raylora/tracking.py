@@ -761,21 +761,20 @@ class MlflowTracker(tune.Callback):
         config = self._configs.get(trial_id) or self.sweep.base
         adapter = config.adapter
         run_name = self.run_names.get(trial_id, trial_id)
+        # Five tags, the ones a registry page lists first: what the adapter is for and how good it is.
         tags = {
             "base_model": config.model.name_or_path,
             "rank": str(adapter.r),
-            "alpha": display_value(float(adapter.alpha)),
-            "lr": display_value(float(config.training.learning_rate)),
             "target_modules": display_value(adapter.target_modules),
             "qlora": display_value(bool(adapter.qlora)),
             self.best_metric: f"{round(value, _BEST_DIGITS):g}",
-            "sweep_run": self.parent_run_name or "",
-            "trial": run_name,
         }
+        alpha = display_value(float(adapter.alpha))
+        lr = display_value(float(config.training.learning_rate))
         description = (
             f"Trial `{run_name}` of sweep run `{self.parent_run_name}` (experiment `{self.sweep.name}`): a "
             f"{'QLoRA' if adapter.qlora else 'LoRA'} adapter of `{config.model.name_or_path}`, rank {adapter.r}, "
-            f"alpha {tags['alpha']}, lr {tags['lr']}, target modules {tags['target_modules']}; "
+            f"alpha {alpha}, lr {lr}, target modules {tags['target_modules']}; "
             f"{self.best_metric} {value:.4f}.\n\n"
             f'Load it: `from raylora.tracking import load_adapter; model, tokenizer = load_adapter("models:/{name}/VERSION")` '
             "(the base loaded as the trial did, plus this adapter)."
