@@ -10,7 +10,8 @@ browser download is not needed) to save what README's "Comparing trials in MLflo
 - `docs/mlflow_trials_table.png`: the link `raylora run` prints, the runs table of every trial grouped under
   its sweep run, with rank, lr, target modules, best eval loss, trainable params and memory;
 - `docs/mlflow_compare_charts.png`: the sweep run's compare link, its trials as charts;
-- `docs/mlflow_registered_adapter.png`: the registered best adapter, its description, tags and alias.
+- `docs/mlflow_registered_adapter.png`: the registered best adapter, its description, tags and alias;
+- `docs/quickstart_loss_curves.png`: `raylora report`'s loss curves of the same four trials.
 
 `tests/test_ui.py` uses `mlflow_ui` and `chromium_page` from here to check the trials view in CI.
 """
@@ -194,7 +195,20 @@ def take_screenshots(workdir: Path, out: Path) -> list[Path]:
             page.screenshot(path=str(out / name))
             written.append(out / name)
             print(f"wrote {out / name}: {url}/{fragment}", flush=True)
+    written.append(write_loss_curves(parent.info.run_id, store, workdir, out))
     return written
+
+
+def write_loss_curves(parent_run_id: str, store: str, workdir: Path, out: Path) -> Path:
+    import shutil
+
+    from raylora.report import write_report
+
+    write_report(parent_run_id, workdir / "report", tracking_uri=store)
+    target = out / "quickstart_loss_curves.png"
+    shutil.copy(workdir / "report" / "loss_curves.png", target)
+    print(f"wrote {target}", flush=True)
+    return target
 
 
 def main() -> int:
