@@ -6,6 +6,11 @@ and a retried trial continues its own run. Calls go through `MlflowClient`; a tr
 answering mid-sweep does not stop training: the failed calls are kept, retried on the next event and at
 the end, and whatever is still lost is counted in a tag on the parent run.
 
+What a person sees is set up here too (MLflow 3.17's UI): trial runs named after their searched settings,
+one short param per setting, summaries logged once at step 0 (table columns and bar charts, not one-point
+lines), and shared views stored as experiment tags that the experiment's and each sweep run's descriptions
+link to (the runs table with the columns people compare, and a chart comparison of a sweep run's trials).
+
 Secrets never reach MLflow: values of config fields or environment variables whose names contain token,
 key, secret or password are replaced by `***` in params, tags and every logged config file (the rule
 lives in `raylora.redaction`).
@@ -25,6 +30,7 @@ from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from ray import tune
 
@@ -382,9 +388,8 @@ class MlflowTracker(tune.Callback):
         )
 
     def _parent_description(self, best: tuple[str, float] | None = None) -> str:
-        started = self.parent_run_name.removeprefix(f"{self.sweep.name}-") if self.parent_run_name else ""
         text = (
-            f"Sweep `{self.sweep.name}` started {started}: {self.sweep.num_samples} trial(s), search "
+            f"Sweep `{self.sweep.name}`, run `{self.parent_run_name}`: {self.sweep.num_samples} trial(s), search "
             f"{self.sweep.search_alg}, scheduler {self.sweep.scheduler}, {self.sweep.metric} ({self.sweep.mode}).\n\n"
             f"**[Compare its trials]({_runs_fragment(self.experiment_id, self.compare_view_key(), charts=True)})**: "
             f"{', '.join(self._searched_params())} against `{self.best_metric}`, `{TRAINABLE_PARAMS}` and "
@@ -393,11 +398,12 @@ class MlflowTracker(tune.Callback):
         if best is not None:
             trial_id, value = best
             run_id = self.trial_runs.get(trial_id, "")
-            runs = json.dumps(sorted(self.trial_runs.values())).replace(" ", "")
+            runs = quote(json.dumps(sorted(self.trial_runs.values())).replace(" ", ""))
+            experiments = quote(json.dumps([self.experiment_id]))
             text += (
                 f"\n\nBest trial: [{self.run_names.get(trial_id, trial_id)}]"
                 f"(#/experiments/{self.experiment_id}/runs/{run_id}), {self.best_metric} {value:.4f}. "
-                f'[All trials side by side](#/compare-runs?runs={runs}&experiments=["{self.experiment_id}"]).'
+                f"[All trials side by side](#/compare-runs?runs={runs}&experiments={experiments})."
             )
         return text
 
@@ -525,6 +531,8 @@ class MlflowTracker(tune.Callback):
     def _trial_run(self, trial) -> str | None:
         run_id = self.trial_runs.get(trial.trial_id)
         if run_id is not None:
+            if trial.trial_id not in self._configs:  # a run from before a resume
+                self._configs[trial.trial_id] = self.sweep.trial_config(dict(trial.config))
             return run_id
         config = self.sweep.trial_config(dict(trial.config))
         name = self._run_name(config, trial.trial_id)
@@ -758,7 +766,7 @@ class MlflowTracker(tune.Callback):
         if run_id is None:
             return
         name = f"{self.sweep.name}-adapter"
-        config = self._configs.get(trial_id) or self.sweep.base
+        config = self._configs[trial_id]  # set by `_trial_run` for every trial that reported a result
         adapter = config.adapter
         run_name = self.run_names.get(trial_id, trial_id)
         # Five tags, the ones a registry page lists first: what the adapter is for and how good it is.
