@@ -21,7 +21,7 @@ from ray import tune
 from safetensors.torch import load_file
 
 from raylora.config import demo_config
-from raylora.names import STEP
+from raylora.names import STEP, display_value, trial_run_name
 from raylora.report import write_report
 from raylora.sweep import Resources, Sweep, experiment_path, run_sweep
 from raylora.tracking import (
@@ -506,3 +506,14 @@ def test_redaction_masks_secret_names_and_secret_values(monkeypatch):
         "r": 8,
     }
     assert STEP == "step"
+
+
+def test_trial_run_names_say_the_config_short_and_rounded():
+    values = {"lr": 0.000224, "target_modules": "all-linear", "alpha": 32.0, "rank": 16}
+    assert trial_run_name(values) == "r16-a32-lr2.2e-4-all-linear"
+    listed = {"rank": 8, "target_modules": ["q_proj", "v_proj"], "qlora": True, "weight_decay": 0.01}
+    assert trial_run_name(listed) == "r8-q_proj+v_proj-qlora-weight_decay=0.01"
+    assert (
+        display_value(0.00434498988545609) == "0.00434"
+        and display_value(["q_proj", "v_proj"]) == "q_proj,v_proj"
+    )
