@@ -13,7 +13,7 @@ browser download is not needed) to save what README's "Comparing trials in MLflo
 - `docs/mlflow_registered_adapter.png`: the registered best adapter, its description, tags and alias;
 - `docs/quickstart_loss_curves.png`: `raylora report`'s loss curves of the same four trials.
 
-`tests/test_ui.py` uses `mlflow_ui` and `chromium_page` from here to check the trials view in CI.
+`tests/test_tracking.py` uses `chromium_page` and `open_and_settle` from here to check the trials view in CI.
 """
 
 from __future__ import annotations
