@@ -34,6 +34,7 @@ __all__ = [
     "checkpoint_dir",
     "latest_checkpoint",
     "load_checkpoint",
+    "name_base_as_given",
     "read_trainer_state",
     "save_adapter",
     "save_checkpoint",
@@ -68,19 +69,47 @@ def save_adapter(
     state = _adapter_state(model)
     if workers.is_main:
         directory.mkdir(parents=True, exist_ok=True)
+        resolved = name_base_as_given(model, config.model.name_or_path)
         model.save_pretrained(str(directory), state_dict=state)
-        write_run_files(directory, tokenizer, config, target_modules)
+        write_run_files(directory, tokenizer, config, target_modules, loaded_from=resolved)
     return state
 
 
 def write_run_files(
-    directory: Path, tokenizer: Any, config: FinetuneConfig, target_modules: list[str]
+    directory: Path,
+    tokenizer: Any,
+    config: FinetuneConfig,
+    target_modules: list[str],
+    *,
+    loaded_from: str | None = None,
 ) -> None:
-    """What an adapter directory holds beside peft's files: the tokenizer and the resolved run config."""
+    """What an adapter directory holds beside peft's files: the tokenizer and the resolved run config.
+
+    `loaded_from` is where the base was loaded from (`name_base_as_given`): the model card peft writes names
+    the base by it too (`base_model:`); it is replaced by the id the user gave.
+    """
+    name = config.model.name_or_path
+    card = directory / "README.md"
+    if loaded_from and loaded_from != name and card.exists():
+        card.write_text(card.read_text().replace(loaded_from, name))
     tokenizer.save_pretrained(str(directory))
     _write_json(
         directory / ADAPTER_RUN_CONFIG, {**config.to_dict(), "resolved_target_modules": target_modules}
     )
+
+
+def name_base_as_given(model: torch.nn.Module, name: str) -> str | None:
+    """Point the adapter configs' `base_model_name_or_path` at the model id the user gave.
+
+    peft records where the base was loaded from, which for a preset is raylora's local cache: a path that
+    means nothing on another machine or in the model registry. Returns the path the base was loaded from.
+    """
+    for peft_config in getattr(model, "peft_config", {}).values():
+        peft_config.base_model_name_or_path = name
+    base_config = (
+        getattr(model.get_base_model(), "config", None) if hasattr(model, "get_base_model") else None
+    )
+    return getattr(base_config, "_name_or_path", None)
 
 
 def save_checkpoint(

@@ -106,9 +106,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     tracking_uri = None
     if not args.no_mlflow:
         from raylora.sweep import experiment_path
-        from raylora.tracking import MlflowTracker, resolve_tracking_uri
+        from raylora.tracking import MlflowTracker, job_store_warning, resolve_tracking_uri
 
         tracking_uri = resolve_tracking_uri(args.tracking_uri)
+        warning = job_store_warning(tracking_uri)
+        if warning:
+            _shout(warning)
         callbacks.append(
             MlflowTracker(sweep, tracking_uri=tracking_uri, experiment_path=experiment_path(sweep))
         )
@@ -128,15 +131,37 @@ def _cmd_run(args: argparse.Namespace) -> int:
         )
     print(f"results: {result.experiment_path}")
     if tracking_uri is not None:
-        tracker = callbacks[0]
-        print(f"MLflow: experiment {sweep.name!r}, parent run {tracker.parent_run_id} in {tracking_uri}")
-        if "://" not in tracking_uri or tracking_uri.startswith("sqlite:"):
-            print(f"  browse it: mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000")
-        print(f"  report: raylora report {tracker.parent_run_id} --tracking-uri {tracking_uri}")
+        _print_mlflow_follow_up(callbacks[0], tracking_uri)
     if result.all_failed:
         print("raylora: every trial failed; see the errors above", file=sys.stderr)
         return 1
     return 0
+
+
+def _print_mlflow_follow_up(tracker, tracking_uri: str) -> None:
+    """Where the sweep's runs are and the commands that open them, naming the store really used."""
+    from raylora.tracking import job_store_warning, local_store_path
+
+    print(
+        f"MLflow: experiment {tracker.sweep.name!r}, sweep run {tracker.parent_run_name} "
+        f"(parent run {tracker.parent_run_id}) in {tracking_uri}"
+    )
+    warning = job_store_warning(tracking_uri)
+    if local_store_path(tracking_uri) is not None:
+        if warning:
+            print("  (a file on the head node: copy it off before the job's directory goes, or use a server)")
+        print(f"  browse it: mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000")
+    print(f"  trials:  {tracker.trials_url()}")
+    print(f"  compare: {tracker.compare_url()}")
+    print(f"  report:  raylora report {tracker.parent_run_id} --tracking-uri {tracking_uri}")
+    if warning:
+        _shout(warning)
+
+
+def _shout(message: str) -> None:
+    """A warning that must not scroll by unseen (lost tracking on a cluster)."""
+    bar = "!" * 100
+    print(f"{bar}\nraylora: WARNING: {message}\n{bar}", file=sys.stderr, flush=True)
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:

@@ -7,8 +7,12 @@ reports and what MLflow and the report read. This module imports nothing: the CL
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "ADAPTER_RUN_CONFIG",
+    "ALPHA_RATIO_PARAM",
+    "BEST_PREFIX",
     "CHECKPOINT_STATE_FILE",
     "EVAL_LOSS",
     "EVAL_PERPLEXITY",
@@ -30,8 +34,14 @@ __all__ = [
     "TRAIN_HISTORY",
     "TRAIN_LOSS",
     "TRAIN_TIME_S",
+    "TRIAL_CONFIG_ARTIFACT",
+    "TRIAL_PARAMS",
     "WALL_TIME_S",
+    "WORKERS_PARAM",
     "WORKER_NODES",
+    "display_value",
+    "param_name",
+    "trial_run_name",
 ]
 
 # ---- metrics the training loop reports --------------------------------------------------------------------
@@ -71,3 +81,77 @@ PACK_SIZE = "pack_size"
 CHECKPOINT_STATE_FILE = "trainer_state.pt"
 # Beside the adapter weights: the run config and the resolved target modules.
 ADAPTER_RUN_CONFIG = "raylora_config.json"
+
+# ---- what MLflow and the report call a trial's settings and summaries ------------------------------------------
+# One short param name per setting a user compares or filters on (dotted config field -> param name). A trial
+# run logs these, its other searched fields under their last dotted part, and the full resolved config as the
+# artifact `TRIAL_CONFIG_ARTIFACT`; `raylora report` uses the same names for its columns.
+TRIAL_PARAMS = {
+    "adapter.r": "rank",
+    "adapter.alpha": "alpha",
+    "training.learning_rate": "lr",
+    "adapter.dropout": "dropout",
+    "adapter.target_modules": "target_modules",
+    "adapter.qlora": "qlora",
+    "training.batch_size": "batch_size",
+    "data.max_length": "seq_len",
+}
+WORKERS_PARAM = "workers"  # a sweep's `Resources.workers`, not a config field
+ALPHA_RATIO_PARAM = "alpha_ratio"  # the search space's `adapter.alpha_ratio` pseudo-field
+# A trial's best value of the sweep's metric is logged once as `best_<metric>` (e.g. `best_eval_loss`), beside
+# the per-step `<metric>`; the parent run carries the sweep's best under the same name.
+BEST_PREFIX = "best_"
+# The run's full resolved config, searched values at full precision and resolved module paths (JSON).
+TRIAL_CONFIG_ARTIFACT = "trial_config.json"
+
+# Run-name parts of the settings with a compact spelling, in the order a name lists them.
+_NAME_PREFIX = {"rank": "r", "alpha": "a", "lr": "lr", "dropout": "d", "batch_size": "b", "seq_len": "s"}
+_NAME_ORDER = ("rank", "alpha", "lr", "target_modules", "qlora", "dropout", "batch_size", "seq_len")
+
+
+def param_name(field: str) -> str:
+    """The MLflow param name of a dotted config field: its `TRIAL_PARAMS` name, else its last dotted part."""
+    if field == "adapter.alpha_ratio":
+        return ALPHA_RATIO_PARAM
+    return TRIAL_PARAMS.get(field, field.rsplit(".", 1)[-1])
+
+
+def display_value(value: Any) -> str:
+    """A param value as MLflow shows it: floats to 3 significant digits, lists comma-joined."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, list | tuple):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def _short_float(value: float) -> str:
+    """2 significant digits, exponent without padding: 0.000224 -> 2.2e-4, 0.05 -> 0.05."""
+    if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e4):
+        mantissa, exponent = f"{value:.1e}".split("e")
+        return f"{mantissa}e{int(exponent)}"
+    return f"{value:.2g}"
+
+
+def trial_run_name(values: dict[str, Any]) -> str:
+    """A trial's run name from the settings that tell it apart, e.g. `r16-a32-lr2.2e-4-all-linear`.
+
+    Args:
+        values: param name (`param_name`) -> value, for the settings the sweep searches.
+    """
+    parts = []
+    for name in sorted(values, key=lambda n: _NAME_ORDER.index(n) if n in _NAME_ORDER else len(_NAME_ORDER)):
+        value = values[name]
+        if name == "qlora":
+            parts.append("qlora" if value else "lora")
+        elif name == "target_modules":
+            parts.append("+".join(value) if isinstance(value, list | tuple) else str(value))
+        elif name in _NAME_PREFIX:
+            shown = _short_float(value) if isinstance(value, float) else display_value(value)
+            parts.append(f"{_NAME_PREFIX[name]}{shown}")
+        else:
+            shown = _short_float(value) if isinstance(value, float) else display_value(value)
+            parts.append(f"{name}={shown}")
+    return "-".join(parts)

@@ -38,7 +38,13 @@ from typing import Any
 
 import torch
 
-from raylora.checkpoint import checkpoint_dir, read_trainer_state, write_run_files, write_trainer_state
+from raylora.checkpoint import (
+    checkpoint_dir,
+    name_base_as_given,
+    read_trainer_state,
+    write_run_files,
+    write_trainer_state,
+)
 from raylora.config import ConfigError, FinetuneConfig
 from raylora.data import IGNORE_INDEX, TokenizedData, iterate_batches, load_data
 from raylora.distributed import Workers
@@ -405,13 +411,14 @@ class PackedTrainer:
     def save_adapter(self, name: str, directory: Path) -> Path:
         """Adapter `name` as a solo run writes it: loadable by plain peft, with the tokenizer and run config."""
         adapter = self.adapters[name]
+        loaded_from = name_base_as_given(self.model, adapter.config.model.name_or_path)
         with tempfile.TemporaryDirectory(prefix="raylora-pack-") as tmp:
             # peft writes an adapter other than "default" into a folder named after it.
             self.model.save_pretrained(tmp, selected_adapters=[name])
             directory.mkdir(parents=True, exist_ok=True)
             for file in (Path(tmp) / name).iterdir():
                 shutil.move(str(file), directory / file.name)
-        write_run_files(directory, self.tokenizer, adapter.config, adapter.targets)
+        write_run_files(directory, self.tokenizer, adapter.config, adapter.targets, loaded_from=loaded_from)
         return directory
 
     def save_checkpoint(self, name: str) -> Path:

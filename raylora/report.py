@@ -4,13 +4,15 @@
 child runs' params and metric histories) or from the Ray Tune experiment directory (each trial's
 `result.json`), and writes:
 
-- `trials.csv`, `trials.md`: one row per trial (searched config, final and best eval loss, status, steps,
-  trainable parameters, peak memory)
+- `trials.csv`, `trials.md`: one row per trial (run name, searched settings, best and last eval loss, status,
+  steps, trainable parameters, peak memory, throughput, wall time), under the names MLflow shows
 - `loss_curves.png`: every trial's train and eval loss against step
 - `eval_loss_vs_lr.png`, `eval_loss_vs_rank.png`
-- `parallel_coordinates.png`: each trial a line across the searched settings, coloured by eval loss
+- `parallel_coordinates.png`: each trial a line across the settings that vary, coloured by eval loss
 - `pareto_trainable_params.png`, `pareto_peak_memory.png`: eval loss against cost, the Pareto front marked
 
+Trials are labelled by their run names (`r16-a32-lr2.2e-4-all-linear`), not their ids. A failed trial is
+drawn apart (grey, marked "failed") and never scored as the worst loss; the table lists it last.
 When the sweep has an MLflow parent run, the files are logged to it under `report/`.
 """
 
@@ -23,7 +25,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raylora.names import EVAL_LOSS, PEAK_MEMORY_GIB, STEP, TRAIN_LOSS, TRAINABLE_PARAMS
+from raylora.names import (
+    ALPHA_RATIO_PARAM,
+    BEST_PREFIX,
+    EVAL_LOSS,
+    PEAK_MEMORY_GIB,
+    STEP,
+    TOKENS_PER_SEC,
+    TOKENS_SEEN,
+    TRAIN_LOSS,
+    TRAIN_TIME_S,
+    TRAINABLE_PARAMS,
+    WALL_TIME_S,
+    param_name,
+    trial_run_name,
+)
 
 __all__ = ["TrialRecord", "read_trials", "write_report"]
 
@@ -37,19 +53,36 @@ _REPORT_FILES = (
     "pareto_trainable_params.png",
     "pareto_peak_memory.png",
 )
+BEST_EVAL_LOSS = f"{BEST_PREFIX}{EVAL_LOSS}"
+_FAILED = "FAILED"
+_FAILED_STYLE = {"color": "0.55", "linestyle": "--"}
 
 
 @dataclass
 class TrialRecord:
-    """One trial as the report sees it, whichever store it came from."""
+    """One trial as the report sees it, whichever store it came from.
+
+    `params` maps MLflow param names (`rank`, `lr`, `target_modules`, ...) to the trial's searched values.
+    """
 
     trial_id: str
     params: dict[str, Any]
     status: str
+    name: str = ""
     train_loss: list[tuple[int, float]] = field(default_factory=list)
     eval_loss: list[tuple[int, float]] = field(default_factory=list)
     trainable_params: float | None = None
     peak_memory_gib: float | None = None
+    tokens_per_sec: float | None = None
+    wall_time_s: float | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.status in (_FAILED, "ERROR")
+
+    @property
+    def label(self) -> str:
+        return self.name or self.trial_id
 
     @property
     def final_eval_loss(self) -> float | None:
@@ -95,12 +128,17 @@ def _client(tracking_uri: str | None):
     return MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
 
 
-def _parent_for_directory(path: Path, tracking_uri: str | None) -> str | None:
-    from raylora.tracking import resolve_tracking_uri
+def _store_missing(tracking_uri: str | None) -> str | None:
+    """The local store file that `tracking_uri` names but that does not exist (never create one to look)."""
+    from raylora.tracking import local_store_path, resolve_tracking_uri
 
-    uri = resolve_tracking_uri(tracking_uri)
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
-        return None  # no store here: don't create an empty one just to look
+    store = local_store_path(resolve_tracking_uri(tracking_uri))
+    return str(store) if store is not None and not store.exists() else None
+
+
+def _parent_for_directory(path: Path, tracking_uri: str | None) -> str | None:
+    if _store_missing(tracking_uri):
+        return None
     client = _client(tracking_uri)
     experiment = client.get_experiment_by_name(path.name)
     if experiment is None:
@@ -116,6 +154,12 @@ def _parent_for_directory(path: Path, tracking_uri: str | None) -> str | None:
 def _read_mlflow(parent_run_id: str, tracking_uri: str | None) -> list[TrialRecord]:
     from mlflow.exceptions import MlflowException
 
+    missing = _store_missing(tracking_uri)
+    if missing:
+        raise ValueError(
+            f"{parent_run_id!r} is not a sweep directory, and there is no MLflow store at {missing} to look "
+            "it up in; pass `--tracking-uri` (the store `raylora run` printed) or `<storage_path>/<sweep name>`"
+        )
     client = _client(tracking_uri)
     try:
         parent = client.get_run(parent_run_id)
@@ -131,13 +175,9 @@ def _read_mlflow(parent_run_id: str, tracking_uri: str | None) -> list[TrialReco
     )
     records = []
     for run in children:
-        params = {
-            k.removeprefix("searched."): _parse(v)
-            for k, v in run.data.params.items()
-            if k.startswith("searched.")
-        }
-        params.setdefault("adapter.r", _parse(run.data.params.get("rank", "nan")))
-        params.setdefault("training.learning_rate", _parse(run.data.params.get("learning_rate", "nan")))
+        searched = [p for p in run.data.tags.get("raylora.searched", "").split(",") if p]
+        params = {k: _parse(run.data.params[k]) for k in searched if k in run.data.params}
+        metrics = run.data.metrics
 
         def history(key: str, run_id: str = run.info.run_id) -> list[tuple[int, float]]:
             return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
@@ -147,12 +187,13 @@ def _read_mlflow(parent_run_id: str, tracking_uri: str | None) -> list[TrialReco
                 trial_id=run.data.tags.get("raylora.trial_id", run.info.run_id[:8]),
                 params=params,
                 status=run.info.status,
+                name=run.info.run_name or "",
                 train_loss=history(TRAIN_LOSS),
                 eval_loss=history(EVAL_LOSS),
-                trainable_params=run.data.metrics.get(TRAINABLE_PARAMS),
-                peak_memory_gib=run.data.metrics.get(
-                    f"final_{PEAK_MEMORY_GIB}", run.data.metrics.get(PEAK_MEMORY_GIB)
-                ),
+                trainable_params=metrics.get(TRAINABLE_PARAMS),
+                peak_memory_gib=metrics.get(PEAK_MEMORY_GIB),
+                tokens_per_sec=metrics.get(TOKENS_PER_SEC),
+                wall_time_s=metrics.get(WALL_TIME_S),
             )
         )
     return sorted(records, key=lambda r: r.trial_id)
@@ -170,11 +211,12 @@ def _read_tune_directory(path: Path) -> list[TrialRecord]:
             if (trial_dir / "result.json").exists()
             else []
         )
-        params = (
+        sampled = (
             json.loads((trial_dir / "params.json").read_text())
             if (trial_dir / "params.json").exists()
             else {}
         )
+        params = _named_params(sampled)
         train_points = [
             (int(h[STEP]), float(h[TRAIN_LOSS]))
             for r in results
@@ -184,15 +226,19 @@ def _read_tune_directory(path: Path) -> list[TrialRecord]:
         eval_points = [(int(r[STEP]), float(r[EVAL_LOSS])) for r in results if EVAL_LOSS in r]
         last = results[-1] if results else {}
         errored = (trial_dir / "error.txt").exists() or (trial_dir / "error.pkl").exists()
+        train_time, tokens = last.get(TRAIN_TIME_S), last.get(TOKENS_SEEN)
         records.append(
             TrialRecord(
                 trial_id=trial_dir.name.removeprefix("trial_"),
                 params=params,
-                status="FAILED" if errored else ("FINISHED" if results else "UNKNOWN"),
+                status=_FAILED if errored else ("FINISHED" if results else "UNKNOWN"),
+                name=trial_run_name({k: v for k, v in params.items() if k != ALPHA_RATIO_PARAM}),
                 train_loss=train_points,
                 eval_loss=eval_points,
                 trainable_params=last.get(TRAINABLE_PARAMS),
                 peak_memory_gib=last.get(PEAK_MEMORY_GIB),
+                tokens_per_sec=tokens / train_time if tokens and train_time else last.get(TOKENS_PER_SEC),
+                wall_time_s=last.get(WALL_TIME_S),
             )
         )
     if not records:
@@ -200,6 +246,15 @@ def _read_tune_directory(path: Path) -> list[TrialRecord]:
             f"{str(path)!r} holds no trials (no trial_* directories); pass `<storage_path>/<sweep name>`"
         )
     return records
+
+
+def _named_params(sampled: dict[str, Any]) -> dict[str, Any]:
+    """A trial's sampled values (dotted fields) under MLflow's param names; alpha from a ratio when known."""
+    params = {param_name(k): v for k, v in sampled.items()}
+    ratio, rank = params.get(ALPHA_RATIO_PARAM), params.get("rank")
+    if "alpha" not in params and isinstance(ratio, int | float) and isinstance(rank, int | float):
+        params["alpha"] = float(ratio) * rank
+    return params
 
 
 def _parse(text: str) -> Any:
@@ -224,10 +279,10 @@ def write_report(source: str, out_dir: str | Path, *, tracking_uri: str | None =
     records, parent = read_trials(source, tracking_uri=tracking_uri)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    keys = sorted({k for r in records for k in r.params})
-    rows = [_row(r, keys) for r in records]
-    rows.sort(key=lambda row: (row["best_eval_loss"] is None, row["best_eval_loss"] or 0.0))
-    header = list(rows[0]) if rows else ["trial_id"]
+    keys = _setting_keys(records)
+    ranked = sorted(records, key=_rank_key)
+    rows = [_row(r, keys) for r in ranked]
+    header = list(rows[0]) if rows else ["run_name"]
     with (out / "trials.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=header)
         writer.writeheader()
@@ -236,9 +291,9 @@ def write_report(source: str, out_dir: str | Path, *, tracking_uri: str | None =
     lines += ["| " + " | ".join(_cell(row[h]) for h in header) + " |" for row in rows]
     (out / "trials.md").write_text("\n".join(lines) + "\n")
 
-    _plot_loss_curves(records, out / "loss_curves.png")
-    _plot_against(records, "training.learning_rate", "learning rate", out / "eval_loss_vs_lr.png", log_x=True)
-    _plot_against(records, "adapter.r", "LoRA rank", out / "eval_loss_vs_rank.png", log_x=True)
+    _plot_loss_curves(ranked, out / "loss_curves.png")
+    _plot_against(records, "lr", "learning rate (lr)", out / "eval_loss_vs_lr.png", log_x=True)
+    _plot_against(records, "rank", "LoRA rank", out / "eval_loss_vs_rank.png", categorical=True)
     _plot_parallel(records, keys, out / "parallel_coordinates.png")
     _plot_pareto(records, "trainable_params", "trainable parameters", out / "pareto_trainable_params.png")
     _plot_pareto(records, "peak_memory_gib", "peak memory (GiB)", out / "pareto_peak_memory.png")
@@ -248,17 +303,32 @@ def write_report(source: str, out_dir: str | Path, *, tracking_uri: str | None =
     return written
 
 
+def _setting_keys(records: list[TrialRecord]) -> list[str]:
+    """The settings the table shows: rank, alpha, lr, target modules first, then other searched ones."""
+    present = {k for r in records for k in r.params if k != ALPHA_RATIO_PARAM}
+    first = [k for k in ("rank", "alpha", "lr", "target_modules") if k in present]
+    return first + sorted(present - set(first))
+
+
+def _rank_key(record: TrialRecord) -> tuple[bool, bool, float]:
+    """Best first; trials without an eval loss, then failed trials, last."""
+    loss = record.best_eval_loss
+    return (record.failed, loss is None, loss if loss is not None else 0.0)
+
+
 def _row(record: TrialRecord, keys: list[str]) -> dict[str, Any]:
-    row: dict[str, Any] = {"trial_id": record.trial_id}
+    row: dict[str, Any] = {"run_name": record.label, "trial_id": record.trial_id}
     row.update({k: record.params.get(k) for k in keys})
     row.update(
         {
-            "final_eval_loss": record.final_eval_loss,
-            "best_eval_loss": record.best_eval_loss,
+            BEST_EVAL_LOSS: record.best_eval_loss,
+            EVAL_LOSS: record.final_eval_loss,
             "status": record.status,
             "steps": record.steps,
-            "trainable_params": record.trainable_params,
-            "peak_memory_gib": record.peak_memory_gib,
+            TRAINABLE_PARAMS: record.trainable_params,
+            PEAK_MEMORY_GIB: record.peak_memory_gib,
+            TOKENS_PER_SEC: record.tokens_per_sec,
+            WALL_TIME_S: record.wall_time_s,
         }
     )
     return row
@@ -267,19 +337,19 @@ def _row(record: TrialRecord, keys: list[str]) -> dict[str, Any]:
 def _cell(value: Any) -> str:
     if value is None:
         return "-"
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))  # parameter counts, steps: every digit
     if isinstance(value, float):
         return f"{value:.4g}"
+    if isinstance(value, list | tuple):
+        return ",".join(map(str, value))
     return str(value)
 
 
-def _label(record: TrialRecord) -> str:
-    return record.trial_id
-
-
-def _figure():
+def _figure(width: float = 8):
     import matplotlib.pyplot as plt
 
-    return plt.subplots(figsize=(8, 5), dpi=100)
+    return plt.subplots(figsize=(width, 5), dpi=100)
 
 
 def _save(fig, path: Path) -> None:
@@ -291,22 +361,19 @@ def _save(fig, path: Path) -> None:
 
 
 def _plot_loss_curves(records: list[TrialRecord], path: Path) -> None:
-    fig, ax = _figure()
+    fig, ax = _figure(10)
     for index, record in enumerate(records):
-        color = f"C{index % 10}"
+        style = _FAILED_STYLE if record.failed else {"color": f"C{index % 10}"}
+        label = record.label + (" (failed)" if record.failed else "")
         if record.train_loss:
-            ax.plot(
-                *zip(*record.train_loss, strict=True), color=color, alpha=0.5, label=f"{_label(record)} train"
-            )
+            ax.plot(*zip(*record.train_loss, strict=True), alpha=0.4, **style)
         if record.eval_loss:
-            ax.plot(
-                *zip(*record.eval_loss, strict=True), color=color, marker="o", label=f"{_label(record)} eval"
-            )
+            ax.plot(*zip(*record.eval_loss, strict=True), marker="o", label=label, **style)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.set_title("loss curves (lines: train, markers: eval)")
+    ax.set_title("loss curves (faint: train, markers: eval)")
     if records:
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), title="run name")
     _save(fig, path)
 
 
@@ -318,57 +385,109 @@ def _numeric(value: Any) -> float | None:
     return None
 
 
-def _plot_against(records: list[TrialRecord], key: str, label: str, path: Path, *, log_x: bool) -> None:
+def _scatter(ax, x: float, y: float, record: TrialRecord, color: str = "C0") -> None:
+    if record.failed:
+        ax.scatter(x, y, s=60, marker="x", color=_FAILED_STYLE["color"])
+        text = f"{record.label} (failed)"
+    else:
+        ax.scatter(x, y, s=40, color=color)
+        text = record.label
+    ax.annotate(text, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+
+
+def _plot_against(
+    records: list[TrialRecord],
+    key: str,
+    label: str,
+    path: Path,
+    *,
+    log_x: bool = False,
+    categorical: bool = False,
+) -> None:
+    """Best eval loss against one setting; a categorical axis has one tick per value tried."""
     fig, ax = _figure()
     points = [(_numeric(r.params.get(key)), r.best_eval_loss, r) for r in records]
     points = [(x, y, r) for x, y, r in points if x is not None and y is not None]
+    values = sorted({x for x, _, _ in points})
     for x, y, r in points:
-        ax.scatter(x, y, s=40)
-        ax.annotate(_label(r), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    if log_x and points and all(x > 0 for x, _, _ in points):
+        _scatter(ax, values.index(x) if categorical else x, y, r)
+    if categorical:
+        ax.set_xticks(range(len(values)))
+        ax.set_xticklabels([f"{v:g}" for v in values])
+        ax.set_xlim(-0.5, len(values) - 0.5)
+    elif log_x and points and all(x > 0 for x, _, _ in points):
         ax.set_xscale("log")
     ax.set_xlabel(label)
-    ax.set_ylabel("best eval loss")
-    ax.set_title(f"eval loss against {label}" + ("" if points else f" (no trial varied {key})"))
+    ax.set_ylabel(BEST_EVAL_LOSS)
+    ax.set_title(f"{BEST_EVAL_LOSS} against {label}" + ("" if points else f" (no trial has `{key}`)"))
     _save(fig, path)
 
 
 def _plot_parallel(records: list[TrialRecord], keys: list[str], path: Path) -> None:
-    """Each searched setting an axis scaled to [0, 1] (categories by their index), one line per trial."""
-    import matplotlib.pyplot as plt
+    """One axis per setting that varies, plus the best eval loss; ticks at every value, colour = eval loss.
 
-    fig, ax = _figure()
-    axes = [*keys, "best_eval_loss"]
-    columns: list[list[float]] = []
-    ticks: list[list[str]] = []
-    for key in axes:
-        values = [r.best_eval_loss if key == "best_eval_loss" else r.params.get(key) for r in records]
-        numeric = [_numeric(v) for v in values]
-        if all(v is not None for v in numeric) and key != "adapter.target_modules":
-            low, high = min(numeric), max(numeric)
-            span = (high - low) or 1.0
-            columns.append([(v - low) / span for v in numeric])
-            ticks.append([f"{low:.3g}", f"{high:.3g}"])
-        else:
-            categories = sorted({json.dumps(v, default=str) for v in values})
-            columns.append(
-                [categories.index(json.dumps(v, default=str)) / max(1, len(categories) - 1) for v in values]
-            )
-            ticks.append([categories[0], categories[-1]] if categories else ["", ""])
-    losses = [r.best_eval_loss for r in records]
+    Numeric axes are scaled to [0, 1] between their extremes (a log scale for a learning rate that spans a
+    decade); categories sit at equal steps. A failed trial is a grey dashed line ending at "failed".
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import Normalize
+
+    varying = [k for k in keys if len({json.dumps(r.params.get(k), default=str) for r in records}) > 1]
+    fig, ax = _figure(10)
+    axes = [*varying, BEST_EVAL_LOSS]
+    positions: list[list[float | None]] = []
+    for index, key in enumerate(axes):
+        values = [r.best_eval_loss if key == BEST_EVAL_LOSS else r.params.get(key) for r in records]
+        scaled, ticks = _axis(values, log=key == "lr")
+        positions.append(scaled)
+        for y, text in ticks:  # left of the axis, clear of the lines' markers
+            ax.text(index - 0.04, y, text, fontsize=7, va="center", ha="right", color="0.25")
+        ax.axvline(index, color="0.8", linewidth=1)
+    losses = [r.best_eval_loss if not r.failed else None for r in records]
     finite = [v for v in losses if v is not None]
-    low, high = (min(finite), max(finite)) if finite else (0.0, 1.0)
+    norm = Normalize(min(finite), max(finite)) if finite else Normalize(0.0, 1.0)
     cmap = plt.get_cmap("viridis")
-    for index in range(len(records)):
-        shade = 0.5 if losses[index] is None else (losses[index] - low) / ((high - low) or 1.0)
-        ax.plot(range(len(axes)), [col[index] for col in columns], color=cmap(shade), marker="o", alpha=0.8)
+    for i, record in enumerate(records):
+        ys = [col[i] for col in positions]
+        if record.failed or losses[i] is None:
+            ys[-1] = 1.08  # apart from every scored trial, above the loss axis
+            ax.plot(range(len(axes)), ys, marker="x", **_FAILED_STYLE)
+        else:
+            ax.plot(range(len(axes)), ys, color=cmap(norm(losses[i])), marker="o", linewidth=2)
+        ax.annotate(
+            record.label, (len(axes) - 1, ys[-1]), fontsize=7, xytext=(40, 0), textcoords="offset points"
+        )
+    if any(r.failed or r.best_eval_loss is None for r in records):
+        ax.text(len(axes) - 1, 1.08, " failed", fontsize=7, va="center", color="0.4")
     ax.set_xticks(range(len(axes)))
-    ax.set_xticklabels(
-        [f"{a.split('.')[-1]}\n{t[0]} .. {t[1]}" for a, t in zip(axes, ticks, strict=True)], fontsize=7
-    )
+    ax.set_xticklabels(axes)
     ax.set_yticks([])
-    ax.set_title("parallel coordinates (colour: eval loss, dark = lower)")
+    ax.set_xlim(-0.45, len(axes) - 0.2)
+    ax.set_ylim(-0.08, 1.15)
+    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=BEST_EVAL_LOSS, pad=0.12)
+    ax.set_title("parallel coordinates: the settings that vary, coloured by best eval loss (failed: grey)")
     _save(fig, path)
+
+
+def _axis(values: list[Any], *, log: bool) -> tuple[list[float | None], list[tuple[float, str]]]:
+    """Positions in [0, 1] and (position, label) ticks, one per distinct value, for one parallel axis."""
+    numeric = [_numeric(v) for v in values]
+    known = [v for v in numeric if v is not None]
+    if (
+        known
+        and len(known) == sum(v is not None for v in values)
+        and not any(isinstance(v, str) for v in values)
+    ):
+        use_log = log and min(known) > 0
+        scale = (lambda v: math.log10(v)) if use_log else (lambda v: v)
+        low, high = scale(min(known)), scale(max(known))
+        span = (high - low) or 1.0
+        scaled = [None if v is None else (scale(v) - low) / span for v in numeric]
+        return scaled, [((scale(v) - low) / span, f"{v:.3g}") for v in sorted(set(known))]
+    labels = [json.dumps(v, default=str).strip('"') if v is not None else "-" for v in values]
+    categories = sorted(set(labels))
+    step = 1 / max(1, len(categories) - 1)
+    return [categories.index(t) * step for t in labels], [(i * step, t) for i, t in enumerate(categories)]
 
 
 def _pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -386,13 +505,12 @@ def _plot_pareto(records: list[TrialRecord], attribute: str, label: str, path: P
     points = [(getattr(r, attribute), r.best_eval_loss, r) for r in records]
     points = [(c, y, r) for c, y, r in points if c is not None and y is not None]
     for cost, loss, record in points:
-        ax.scatter(cost, loss, s=40, color="C0")
-        ax.annotate(_label(record), (cost, loss), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    front = _pareto([(c, y) for c, y, _ in points])
+        _scatter(ax, cost, loss, record)
+    front = _pareto([(c, y) for c, y, r in points if not r.failed])
     if front:
         ax.plot(*zip(*front, strict=True), color="C3", drawstyle="steps-post", label="Pareto front")
         ax.legend()
-    ax.set_xlabel(label)
-    ax.set_ylabel("best eval loss")
-    ax.set_title(f"eval loss against {label}")
+    ax.set_xlabel(f"{label} ({attribute})")
+    ax.set_ylabel(BEST_EVAL_LOSS)
+    ax.set_title(f"{BEST_EVAL_LOSS} against {label}")
     _save(fig, path)

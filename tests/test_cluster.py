@@ -147,6 +147,15 @@ def test_quickstart_submitted_as_a_job_succeeds_and_logs_to_mlflow(cluster: Loca
     assert job_id in listing.stdout and "quickstart" in listing.stdout
     logs = _raylora("jobs", "logs", job_id, "--address", cluster.dashboard, env=cluster.env)
     assert "best trial" in logs.stdout
+    # A file store on the head node is said out loud, and the follow-up commands name the file really used.
+    assert (
+        f"raylora: WARNING: this sweep runs as Ray job {job_id} and logs MLflow to sqlite:///{db}"
+        in logs.stdout
+    )
+    assert (
+        f"raylora report {children[0].data.tags['mlflow.parentRunId']} --tracking-uri sqlite:///{db}"
+        in logs.stdout
+    )
 
 
 def test_two_worker_trial_runs_one_worker_on_each_node(cluster: LocalCluster, tmp_path):

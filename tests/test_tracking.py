@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -20,10 +21,18 @@ from ray import tune
 from safetensors.torch import load_file
 
 from raylora.config import demo_config
-from raylora.names import STEP
+from raylora.names import STEP, display_value, trial_run_name
 from raylora.report import write_report
 from raylora.sweep import Resources, Sweep, experiment_path, run_sweep
-from raylora.tracking import REDACTED, MlflowTracker, load_adapter, redact
+from raylora.tracking import (
+    REDACTED,
+    TRIALS_VIEW,
+    MlflowTracker,
+    job_store_warning,
+    load_adapter,
+    redact,
+    resolve_tracking_uri,
+)
 
 CANARY = "hf_CANARYcanary0123456789secret"
 
@@ -131,7 +140,7 @@ def _children(client: MlflowClient, tracker: MlflowTracker):
     )
 
 
-def test_one_parent_and_one_child_per_trial_with_their_metrics(tracked_sweep, mlflow_server):
+def test_one_parent_and_one_child_per_trial_with_their_metrics(tracked_sweep, mlflow_server, tmp_path):
     sweep, tracker, killer, result = tracked_sweep
     client = MlflowClient(tracking_uri=mlflow_server)
     runs = client.search_runs([tracker.experiment_id])
@@ -150,37 +159,138 @@ def test_one_parent_and_one_child_per_trial_with_their_metrics(tracked_sweep, ml
         "version.bitsandbytes",
         "version.transformers",
         "sweep.scheduler",
-        "search_space.adapter.r.grid_search",
+        "search_space",
     ):
         assert key in parent.data.params, key
+    assert json.loads(parent.data.params["search_space"]) == {"adapter.r": {"grid_search": [4, 8, 16, 32]}}
     assert parent.info.status == "FINISHED"
+    # Parent named after the sweep and its start; trials after their searched settings, unique.
+    assert parent.info.run_name == tracker.parent_run_name and parent.info.run_name.startswith("tracked-")
+    assert sorted(c.info.run_name for c in children) == ["r16", "r32", "r4", "r8"]
     finished = [c for c in children if c.data.tags.get("raylora.trial_id") != killer.killed]
     for child in finished:
         assert child.info.status == "FINISHED"
-        for key in (
+        # One short name per setting, and nothing else: the full config is one JSON artifact.
+        assert set(child.data.params) == {
+            "rank",
+            "alpha",
+            "lr",
+            "dropout",
+            "target_modules",
+            "qlora",
+            "batch_size",
+            "seq_len",
+            "workers",
+        }
+        assert child.data.params["lr"] == "0.003" and child.data.params["qlora"] == "false"
+        assert child.data.tags["raylora.sweep_run"] == parent.info.run_name
+        # Curves per step, summaries once: no `final_*` twin of a metric.
+        assert set(child.data.metrics) == {
+            "train_loss",
+            "eval_loss",
+            "eval_perplexity",
+            "lr",
+            "grad_norm",
+            "best_eval_loss",
             "trainable_params",
             "total_params",
             "trainable_percent",
-            "final_peak_memory_gib",
-            "wall_time_s",
+            "peak_memory_gib",
+            "tokens_per_sec",
             "tokens_seen",
-            "final_eval_loss",
-        ):
-            assert key in child.data.metrics, key
-        for key in (
-            "rank",
-            "alpha",
-            "learning_rate",
-            "dropout",
-            "target_modules",
-            "target_modules_resolved",
-            "qlora",
-            "batch_size",
-            "max_length",
-            "workers",
-        ):
-            assert key in child.data.params, key
-        assert "self_attn.q_proj" in child.data.params["target_modules_resolved"]
+            "wall_time_s",
+        }
+        config = MlflowClient(tracking_uri=mlflow_server).download_artifacts(
+            child.info.run_id, "trial_config.json", str(tmp_path / child.info.run_id)
+        )
+        config = json.loads(Path(config).read_text())
+        assert "self_attn.q_proj" in ",".join(config["resolved_target_modules"])
+        assert config["config"]["adapter"]["r"] == int(child.data.params["rank"])
+
+
+def test_the_experiment_opens_on_runs_with_preset_views(tracked_sweep, mlflow_server):
+    sweep, tracker, killer, result = tracked_sweep
+    client = MlflowClient(tracking_uri=mlflow_server)
+    tags = client.get_experiment(tracker.experiment_id).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    # The description links the trials view; the view preselects what a person compares.
+    trials_link = f"#/experiments/{tracker.experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={TRIALS_VIEW}"
+    assert trials_link in tags["mlflow.note.content"]
+    view = json.loads(tags[f"mlflow.sharedViewState.{TRIALS_VIEW}"])
+    for column in ("rank", "lr", "target_modules"):
+        assert f"params.`{column}`" in view["selectedColumns"], column
+    for column in ("best_eval_loss", "trainable_params", "peak_memory_gib"):
+        assert f"metrics.`{column}`" in view["selectedColumns"], column
+    assert view["groupBy"]["groupByKeys"] == [{"mode": "tag", "groupByData": "raylora.sweep_run"}]
+    # The parent's description links a chart comparison of its own trials, stored as a view of its own.
+    parent = client.get_run(tracker.parent_run_id)
+    key = f"raylora-{tracker.parent_run_id}"
+    assert f"viewStateShareKey={key}&compareRunsMode=CHART" in parent.data.tags["mlflow.note.content"]
+    charts = json.loads(tags[f"mlflow.sharedViewState.{key}"])
+    assert charts["searchFilter"] == f"tags.`mlflow.parentRunId` = '{tracker.parent_run_id}'"
+    parallel = next(c for c in charts["compareRunCharts"] if c["type"] == "PARALLEL")
+    assert parallel["selectedParams"] == ["rank"] and parallel["selectedMetrics"] == ["best_eval_loss"]
+    assert parent.data.tags["raylora.best_run_name"] in parent.data.tags["mlflow.note.content"]
+
+
+def test_the_runs_page_lists_the_four_trials_under_their_sweep_run_in_chromium(tracked_sweep):
+    """What a person sees: the link `raylora run` prints, opened in headless Chromium (Debian's)."""
+    sweep, tracker, killer, result = tracked_sweep
+    ui = _ui_helpers()
+    names = sorted(tracker.run_names.values())
+    with ui.chromium_page() as page:
+        ui.open_and_settle(page, tracker.trials_url(), names[0])
+        group = page.get_by_text(f"Group: {tracker.parent_run_name}")
+        assert group.count() == 1 and group.is_visible()
+        top = group.bounding_box()["y"]
+        for name in names:  # each trial by its config name, in a row below its sweep run's group
+            cell = page.get_by_text(name, exact=True)
+            assert cell.count() == 1 and cell.is_visible(), name
+            assert cell.bounding_box()["y"] > top, name
+        headers = page.eval_on_selector_all("[col-id]", "els => els.map(e => e.getAttribute('col-id'))")
+        for column in ("params.`rank`", "params.`lr`", "params.`target_modules`", "metrics.`best_eval_loss`"):
+            assert column in headers, (column, headers)
+
+
+def _ui_helpers():
+    """`scripts/ui_screenshots.py`: the Chromium flags and page helpers the screenshots are taken with."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "ui_screenshots.py"
+    spec = importlib.util.spec_from_file_location("ui_screenshots", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_load_adapter_names_the_store_instead_of_creating_an_empty_one(
+    tracked_sweep, mlflow_server, tmp_path, monkeypatch
+):
+    sweep, tracker, killer, result = tracked_sweep
+    monkeypatch.chdir(tmp_path)  # another directory: the default store, sqlite:///mlflow.db, is not here
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(ValueError, match=r"no MLflow store at sqlite:///.*mlflow\.db.*tracking_uri="):
+        load_adapter(tracker.parent_run_id)
+    assert not (tmp_path / "mlflow.db").exists()
+    with pytest.raises(
+        ValueError, match=r"'0123456789abcdef' is not in the MLflow store at http.*tracking_uri="
+    ):
+        load_adapter("0123456789abcdef", tracking_uri=mlflow_server)
+
+
+def test_a_ray_job_logging_to_a_file_store_is_warned_and_uris_are_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve_tracking_uri("sqlite:///mlflow.db") == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert resolve_tracking_uri("http://mlflow:5000") == "http://mlflow:5000"
+    assert job_store_warning(resolve_tracking_uri("sqlite:///mlflow.db")) is None  # not in a job: no warning
+    # What Ray's job supervisor sets for the entrypoint it starts (`ray job submit`, `raylora submit`).
+    monkeypatch.setenv(
+        "RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"metadata": {"job_submission_id": "raysubmit_1"}})
+    )
+    warning = job_store_warning(resolve_tracking_uri("sqlite:///mlflow.db"))
+    assert "Ray job raysubmit_1" in warning and "which Ray deletes" in warning and "--tracking-uri" in warning
+    assert "deletes" not in job_store_warning("sqlite:////shared/mlflow.db")  # on the head node, kept
+    assert job_store_warning("http://mlflow:5000") is None
 
 
 def test_no_metric_point_is_lost_with_four_concurrent_trials(tracked_sweep, mlflow_server):
@@ -193,8 +303,13 @@ def test_no_metric_point_is_lost_with_four_concurrent_trials(tracked_sweep, mlfl
         eval_steps = [m.step for m in client.get_metric_history(child.info.run_id, "eval_loss")]
         assert sorted(train_steps) == list(range(2, 21, 2)), train_steps
         assert sorted(eval_steps) == [10, 20]
-        for key in ("lr", "grad_norm", "tokens_per_sec"):
+        for key in ("lr", "grad_norm"):
             assert len(client.get_metric_history(child.info.run_id, key)) == 10, key
+        # A summary is one point at step 0 (MLflow charts it as a bar per run, not a one-point line).
+        for key in ("best_eval_loss", "trainable_params", "peak_memory_gib", "tokens_per_sec", "wall_time_s"):
+            assert [m.step for m in client.get_metric_history(child.info.run_id, key)] == [0], key
+        eval_losses = [m.value for m in client.get_metric_history(child.info.run_id, "eval_loss")]
+        assert child.data.metrics["best_eval_loss"] == round(min(eval_losses), 4)
 
 
 def test_a_killed_trial_ends_failed_not_running(tracked_sweep, mlflow_server):
@@ -254,8 +369,24 @@ def test_adapter_artifacts_load_into_the_base_and_the_best_is_registered(
     )
     versions = client.search_model_versions(f"name = '{sweep.name}-adapter'")
     assert [v.run_id for v in versions] == [best_run]
+    # The sweep's best eval loss is a metric of the parent (sortable), and the best child's own best value.
+    children = {c.info.run_id: c for c in _children(client, tracker)}
+    assert parent.data.metrics["best_eval_loss"] == children[best_run].data.metrics["best_eval_loss"]
+    assert parent.data.metrics["best_eval_loss"] == min(
+        c.data.metrics["best_eval_loss"] for c in children.values() if c.info.status != "FAILED"
+    )
+    # The registered version explains itself: description, tags, the alias `best`, the base as given.
+    version = client.get_model_version_by_alias(f"{sweep.name}-adapter", "best")
+    assert version.run_id == best_run
+    assert children[best_run].info.run_name in version.description and "load_adapter" in version.description
+    assert (
+        version.tags["base_model"] == "tiny-llama"
+        and version.tags["rank"] == children[best_run].data.params["rank"]
+    )
+    assert json.loads((local / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-llama"
+    assert "presets" not in (local / "README.md").read_text()  # the model card names it so too
 
-    model, tokenizer = load_adapter(best_run, tracking_uri=mlflow_server)
+    model, tokenizer = load_adapter(f"models:/{sweep.name}-adapter@best", tracking_uri=mlflow_server)
     ids = tokenizer("Uppercase: cat", return_tensors="pt")["input_ids"]
     out = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
     assert out.shape[1] == ids.shape[1] + 4
@@ -272,7 +403,8 @@ def test_the_canary_token_reaches_no_param_tag_or_artifact(tracked_sweep, mlflow
         for file in local.rglob("*"):
             if file.is_file():
                 assert CANARY.encode() not in file.read_bytes(), f"artifact {file} leaks the token"
-    assert client.get_run(tracker.parent_run_id).data.params["base.model.token"] == REDACTED
+    sweep_json = client.download_artifacts(tracker.parent_run_id, "sweep.json", str(tmp_path / "sweep"))
+    assert json.loads(Path(sweep_json).read_text())["base"]["model"]["token"] == REDACTED
 
 
 def test_report_writes_decodable_plots_and_logs_them(tracked_sweep, mlflow_server, tmp_path):
@@ -285,8 +417,17 @@ def test_report_writes_decodable_plots_and_logs_them(tracked_sweep, mlflow_serve
             image.verify()
         with Image.open(png) as image:
             assert image.size[0] >= 400 and image.size[1] >= 300, (png, image.size)
-    table = (tmp_path / "report" / "trials.csv").read_text().splitlines()
-    assert len(table) == 5  # header + 4 trials
+    with (tmp_path / "report" / "trials.csv").open() as handle:
+        table = list(csv.DictReader(handle))
+    assert len(table) == 4
+    # The report speaks MLflow's names: run names, param and metric columns as the runs table shows them.
+    client = MlflowClient(tracking_uri=mlflow_server)
+    children = {c.data.tags["raylora.trial_id"]: c for c in _children(client, tracker)}
+    assert list(table[0])[:3] == ["run_name", "trial_id", "rank"]
+    assert {"best_eval_loss", "eval_loss", "trainable_params", "peak_memory_gib"} <= set(table[0])
+    for row in table:
+        assert row["run_name"] == children[row["trial_id"]].info.run_name
+    assert table[-1]["trial_id"] == killer.killed and table[-1]["status"] == "FAILED"  # apart, last
     logged = {
         a.path
         for a in MlflowClient(tracking_uri=mlflow_server).list_artifacts(tracker.parent_run_id, "report")
@@ -365,3 +506,14 @@ def test_redaction_masks_secret_names_and_secret_values(monkeypatch):
         "r": 8,
     }
     assert STEP == "step"
+
+
+def test_trial_run_names_say_the_config_short_and_rounded():
+    values = {"lr": 0.000224, "target_modules": "all-linear", "alpha": 32.0, "rank": 16}
+    assert trial_run_name(values) == "r16-a32-lr2.2e-4-all-linear"
+    listed = {"rank": 8, "target_modules": ["q_proj", "v_proj"], "qlora": True, "weight_decay": 0.01}
+    assert trial_run_name(listed) == "r8-q_proj+v_proj-qlora-weight_decay=0.01"
+    assert (
+        display_value(0.00434498988545609) == "0.00434"
+        and display_value(["q_proj", "v_proj"]) == "q_proj,v_proj"
+    )
