@@ -5,7 +5,6 @@ One GPU. For each row (shape x targets x mode x impl) it trains, on the same ran
 and the same number of tokens per step (LoRA r=16, alpha 32, dropout 0.05; bf16; seq 2048; batch 8 on 1B,
 4 on 8B):
 
-<<<<<<< HEAD
 Anchors (issues 6 and 18):
 - `anchor`: HF `transformers.Trainer` + PEFT as ../shared/DESIGN.md measured it: bf16 weights and
   `bf16=True`, SDPA, labels = input ids. For QLoRA rows the textbook recipe: NF4 + double quantisation,
@@ -24,7 +23,7 @@ raylora (`raylora.training.train`, the loop's defaults unless the name says othe
   in-memory caches are those of the rows run in between, which start cold). Every other compiled raylora
   row starts from empty caches, on disk and in memory: a fresh node's first trial.
 - `raylora-eager`: `training.compile="off"`; `raylora-v0`: (not run by default) the loss on the model's full
-  logits, compile off.
+  logits (`raylora.loss.chunkable_head` patched to return None), compile off.
 - `raylora-fp8`: `training.fp8=True` (raylora's `Float8Linear`); bf16 LoRA rows only.
 - `raylora-ckpt-all`, `raylora-ckpt-F` (F a fraction): `training.activation_checkpointing` True or F.
 Library kernels in place of raylora's hand-written pieces (benchmarks/kernel_swaps.py says what each replaces):
@@ -33,22 +32,6 @@ Library kernels in place of raylora's hand-written pieces (benchmarks/kernel_swa
 - `raylora-liger-ops`: Liger's RMSNorm, RoPE and SwiGLU on the base model, with raylora's compiled layers.
 - `raylora-liger-eager`: Liger's RMSNorm, RoPE, SwiGLU and linear cross-entropy, compile off: Liger's kernels
   instead of the compiler.
-=======
-- `anchor`: HF `transformers.Trainer` + PEFT as ../shared/DESIGN.md measured it: LoRA r=16 (alpha 32, dropout
-  0.05), bf16 weights and `bf16=True`, SDPA, seq 2048, batch 8 (1B) or 4 (8B), labels = input ids. For QLoRA
-  rows the anchor is the textbook recipe: NF4 + double quantisation, `prepare_model_for_kbit_training` (its
-  default: fp32 upcast of the unquantised modules and gradient checkpointing).
-- `raylora`: `raylora.training.train` as it is (defaults: compiled decoder layers on a GPU, the lean LoRA
-  branch, the chunked head + cross-entropy; activation checkpointing under QLoRA only).
-- `raylora-eager`: the same with `training.compile="off"`, to show what compilation adds.
-- `raylora-v0`: (not run by default) the loss on the model's full logits (`raylora.loss.chunkable_head` patched to return
-  None), compile off.
-- `raylora-fp8`: the defaults plus `training.fp8=True` (the frozen base's linear layers in FP8); bf16 LoRA
-  rows only (FP8 and QLoRA exclude each other).
-- `raylora-ckpt-all`, `raylora-ckpt-F` (F a fraction, e.g. `raylora-ckpt-0.75`): the defaults with
-  `training.activation_checkpointing` set to True (every layer) or F, to show what checkpointing costs and
-  saves against the QLoRA default.
->>>>>>> i17
 
 Order and processes: `--impls` is cut into segments of consecutive impls that run in the same process, and
 the segments run in the order listed; within a segment, rows run impl by impl as listed, then mode, then
