@@ -20,9 +20,9 @@ So a packed adapter computes what it would compute alone; only the order of floa
 shared matmuls can differ (the batch is larger), which the exactness test bounds.
 
 What cannot be packed is refused by `pack_problems` with the reason, and such a trial runs the ordinary way:
-a different base, data, sequence length or numeric set-up (QLoRA, fp8, precision, checkpointing); DoRA or
-other LoRA variants (peft computes those itself, on every row); modules trained in full other than the
-output head.
+a different base, data, sequence length or numeric set-up (QLoRA, precision, checkpointing); FP8 base
+layers (peft cannot add an adapter to a layer already converted); DoRA or other LoRA variants (peft
+computes those itself, on every row); modules trained in full other than the output head.
 """
 
 from __future__ import annotations
@@ -116,6 +116,11 @@ def pack_problems(config: FinetuneConfig) -> list[str]:
     extra = sorted(set(adapter.peft_kwargs) - {"init_lora_weights"})
     if extra:
         problems.append(f"`adapter.peft_kwargs` sets {extra}, which packed LoRA layers do not compute")
+    if config.training.fp8:
+        problems.append(
+            "`training.fp8` is true: a pack holds a bf16 or 4-bit base (peft cannot add an adapter to a layer "
+            "already in FP8)"
+        )
     if config.training.compile not in ("auto", "off"):
         problems.append(f"`training.compile` is {config.training.compile!r}; packed layers run eagerly")
     return problems
