@@ -92,7 +92,7 @@ def sweep_for(mode: str, args, ckpt: Path, data: Path, storage: Path):
     gpu = 1.0 if mode != "fraction" else 1.0 / args.concurrency
     cpus = 1.0
     if args.cpu:  # a dry run of the script on the CPU: the same modes, CPUs in place of the GPU
-        gpu, cpus = 0.0, (2.0 / args.concurrency if mode == "fraction" else 2.0)
+        gpu, cpus = 0.0, (1.0 / args.concurrency if mode == "fraction" else 1.0)
     return Sweep(
         name=f"sweep-throughput-{mode}",
         base=base,

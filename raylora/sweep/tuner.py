@@ -64,6 +64,8 @@ def run_sweep(
     _init_ray(address)
     check_cluster(sweep, storage)
     namespace = ray.get_runtime_context().namespace
+    if pack is not None:
+        _check_engine_fits(sweep, pack)
     if pack is not None and verbose:
         print(
             f"raylora: packing trials: up to {pack} adapters per process, one process per "
@@ -247,3 +249,22 @@ def _packed_concurrency(sweep: Sweep, pack: int | None) -> int | None:
     else:
         devices = len([node for node in ray.nodes() if node.get("Alive")])
     return max(1, pack * max(devices, 1))
+
+
+def _check_engine_fits(sweep: Sweep, pack: int) -> None:
+    """An engine takes a trial's CPUs (and a GPU) beside the light trials it serves: some node must fit both.
+
+    Otherwise the engine would wait for resources that its own trials hold, and the sweep would hang.
+    """
+    import ray
+
+    need_cpu = sweep.resources.cpus_per_worker + pack * TRAINER_DRIVER_CPU
+    need_gpu = 1.0 if sweep.resources.gpus_per_worker > 0 else 0.0
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    if not any(r.get("CPU", 0) >= need_cpu and r.get("GPU", 0) >= need_gpu for r in nodes):
+        largest = max((r.get("CPU", 0) for r in nodes), default=0)
+        raise ConfigError(
+            f"`sweep.pack`: an engine needs `resources.cpus_per_worker` ({sweep.resources.cpus_per_worker:g}) CPUs "
+            f"and {pack} x {TRAINER_DRIVER_CPU} for the trials it serves on one node, but the largest node has "
+            f"{largest:g}; lower `resources.cpus_per_worker` or set `Sweep(pack=False)`"
+        )
