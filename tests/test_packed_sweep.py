@@ -154,6 +154,16 @@ def test_a_pack_that_cannot_apply_is_refused_and_the_auto_setting_says_why(tmp_p
     with pytest.raises(ConfigError, match="no node has that much"):
         run_sweep(gpu, verbose=0)
     assert "trials run unpacked: the search space varies data.max_length" in capsys.readouterr().err
+    # An engine that could not fit beside the trials it serves would wait for them forever.
+    greedy = Sweep(
+        name="greedy-pack",
+        base=base,
+        resources=Resources(cpus_per_worker=2),
+        storage_path=str(tmp_path),
+        pack=True,
+    )
+    with pytest.raises(ConfigError, match=r"an engine needs `resources.cpus_per_worker` \(2\) CPUs"):
+        run_sweep(greedy, verbose=0)
     sweep = Sweep(name="bad-pack", base=base, pack=-1)
     with pytest.raises(ConfigError, match=r"`sweep.pack` must be None"):
         sweep.validate()
