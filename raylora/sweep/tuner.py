@@ -105,7 +105,7 @@ def run_sweep(
                     checkpoint_score_attribute=sweep.metric,
                     checkpoint_score_order=sweep.mode,
                 ),
-                callbacks=list(callbacks),
+                callbacks=[*callbacks, _tensorboard_logger()],
                 verbose=verbose,
             ),
         )
@@ -268,3 +268,18 @@ def _check_engine_fits(sweep: Sweep, pack: int) -> None:
             f"and {pack} x {TRAINER_DRIVER_CPU} for the trials it serves on one node, but the largest node has "
             f"{largest:g}; lower `resources.cpus_per_worker` or set `Sweep(pack=False)`"
         )
+
+
+def _tensorboard_logger():
+    """Tune's TensorBoard logger without the train history (a list, which it warns about at every eval)."""
+    from ray.tune.logger import TBXLoggerCallback
+
+    from raylora.names import TRAIN_HISTORY
+
+    class TensorboardLogger(TBXLoggerCallback):
+        def log_trial_result(self, iteration: int, trial, result: dict) -> None:
+            super().log_trial_result(
+                iteration, trial, {k: v for k, v in result.items() if k != TRAIN_HISTORY}
+            )
+
+    return TensorboardLogger()
