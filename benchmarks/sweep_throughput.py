@@ -175,7 +175,9 @@ def main() -> None:
     root = Path(args.workdir)
     root.mkdir(parents=True, exist_ok=True)
     ckpt = tp.build_checkpoint(args.shape, root)
-    data = tp.write_data(root, records=max(256, args.trials * args.batch * 8))
+    # One data file per sequence length: the throughput benchmark's file is written once per directory.
+    (root / f"seq{args.seq}").mkdir(exist_ok=True)
+    data = tp.write_data(root / f"seq{args.seq}", records=max(256, args.trials * args.batch * 8))
     ray.init(num_cpus=2 if args.cpu else None, include_dashboard=False, log_to_driver=False)
     rows = []
     for mode in args.modes.split(","):

@@ -235,7 +235,6 @@ class PackedTrainer:
         for module in self.model.modules():
             if getattr(module, "_raylora_branch", None) is not None:
                 module._raylora_rows = self.layout
-        self.model.set_requires_grad(name, requires_grad=True)
         named = [(n, p) for n, p in self.model.named_parameters() if _owned_by(n, name)]
         params = [p for _, p in named]
         optimizer = torch.optim.AdamW(
@@ -264,7 +263,18 @@ class PackedTrainer:
             adapter.global_step = self._load(adapter, named, Path(resume_from))
         adapter.batches = self._batches(config, start=adapter.global_step * config.training.grad_accum_steps)
         self.adapters[name] = adapter
+        self._train_every_adapter()
         self.model.train()
+
+    def _train_every_adapter(self) -> None:
+        """Every adapter of the pack trainable, and nothing else.
+
+        peft trains its *active* adapter only: adding an adapter, or deleting the active one, sets
+        `requires_grad` on the layers for peft's notion of the active adapter and clears it for the others.
+        """
+        for adapter in self.adapters.values():
+            for param in adapter.params:
+                param.requires_grad_(True)
 
     def remove(self, name: str) -> None:
         """Take adapter `name` out of the pack and free its weights and optimizer state."""
@@ -275,6 +285,7 @@ class PackedTrainer:
         adapter.params.clear()
         if self.adapters:
             self.model.delete_adapter(name)
+            self._train_every_adapter()
         else:
             # peft keeps no model without an adapter: back to the bare base, which the next adapter wraps anew.
             # `unload()` keeps the active adapter's trained copy of a module trained in full: put the frozen

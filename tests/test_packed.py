@@ -37,6 +37,23 @@ class _Losses:
             self.train[int(metrics[STEP])] = metrics[TRAIN_LOSS]
 
 
+class _Stopped(Exception):
+    pass
+
+
+class _StopAfter(_Losses):
+    """Stops the run (as a crash would) once it has reported the train loss of step `last`."""
+
+    def __init__(self, last: int) -> None:
+        super().__init__()
+        self.last = last
+
+    def report(self, metrics, *, checkpoint_dir=None):
+        super().report(metrics, checkpoint_dir=checkpoint_dir)
+        if self.last in self.train:
+            raise _Stopped
+
+
 def _config(output_dir: Path, **fields) -> FinetuneConfig:
     config = demo_config()  # trains lm_head in full too: each adapter its own copy
     config.training.max_steps = STEPS
@@ -122,31 +139,39 @@ def test_packed_adapters_follow_their_solo_runs_step_for_step(tmp_path):
 def test_an_adapter_leaves_and_another_joins_without_disturbing_the_rest(tmp_path):
     configs = {name: _config(tmp_path / name, **fields) for name, fields in ADAPTERS.items()}
     trainer = PackedTrainer(configs["trial_a"])
-    trainer.add("trial_a", configs["trial_a"])
-    trainer.add("trial_b", configs["trial_b"])
-    for _ in range(3):
+    for name in ("trial_a", "trial_b", "trial_c"):  # trial_a first in: peft's active adapter
+        trainer.add(name, configs[name])
+    while trainer.adapters["trial_b"].global_step < 2:  # trial_c, accumulating 2 micro-batches: step 1
         trainer.step()
-    trainer.remove("trial_b")
-    assert "trial_b" not in trainer.adapters
-    assert not any(".trial_b." in name for name, _ in trainer.model.named_parameters())
-    trainer.add("trial_c", configs["trial_c"])
-    losses = []
-    while trainer.adapters["trial_a"].global_step < 6:
-        losses.append(trainer.step().stepped["trial_a"][TRAIN_LOSS])
-
-    alone = _Losses()
-    config = _config(tmp_path / "alone", **ADAPTERS["trial_a"])
-    config.training.max_steps = 6
-    train(config, reporter=alone)
-    assert losses == pytest.approx([alone.train[s] for s in range(4, 7)], rel=1e-5)
-
-    # Every adapter leaves (the engine waits for trials); the next one starts from its own initial weights.
+    # The active adapter leaves: peft would then train its new active adapter only.
     trainer.remove("trial_a")
+    assert "trial_a" not in trainer.adapters
+    assert not any(".trial_a." in name for name, _ in trainer.model.named_parameters())
+    losses: dict[str, dict[int, float]] = {"trial_b": {}, "trial_c": {}}
+    while min(trainer.adapters[n].global_step for n in losses) < 6:
+        for adapter in trainer.adapters.values():
+            adapter.paused = adapter.global_step >= 6
+        for name, metrics in trainer.step().stepped.items():
+            losses[name][trainer.adapters[name].global_step] = metrics[TRAIN_LOSS]
+
+    alone: dict[str, _StopAfter] = {}
+    for name in losses:
+        alone[name] = _StopAfter(6)  # the same config (its schedule spans 50 steps), stopped after 6
+        with pytest.raises(_Stopped):
+            train(_config(tmp_path / f"alone_{name}", **ADAPTERS[name]), reporter=alone[name])
+        steps = sorted(losses[name])
+        assert steps[-1] == 6 and steps[0] <= 3, (name, steps)
+        expected = [alone[name].train[s] for s in steps]
+        assert [losses[name][s] for s in steps] == pytest.approx(expected, rel=1e-5), name
+
+    # Every adapter leaves (the engine waits for trials); the next one starts from its own initial weights,
+    # on the frozen base (not on a leaver's trained head).
+    trainer.remove("trial_b")
     trainer.remove("trial_c")
     assert trainer.adapters == {} and trainer.model is None
-    trainer.add("trial_d", configs["trial_a"])
+    trainer.add("trial_d", configs["trial_b"])
     first = [trainer.step().stepped["trial_d"][TRAIN_LOSS] for _ in range(3)]
-    assert first == pytest.approx([alone.train[s] for s in range(1, 4)], rel=1e-5)
+    assert first == pytest.approx([alone["trial_b"].train[s] for s in range(1, 4)], rel=1e-5)
 
 
 def test_a_packed_checkpoint_resumes_solo_on_the_same_trajectory(tmp_path):
