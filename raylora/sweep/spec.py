@@ -96,9 +96,10 @@ class Sweep:
     multiple of the sampled rank. Everything else comes from `base`.
 
     `pack` trains the adapters of several 1-worker trials together in one process per GPU that holds the
-    base once (`raylora.sweep.packing`): None (the default) packs a GPU sweep whose trials can share a base
-    and says why when they cannot; True packs on any device (GPU: as many as fit); a number caps the
-    adapters per process; False or 0 never packs.
+    base once (`raylora.sweep.packing`): True packs (on a GPU as many as fit, up to 8; on the CPU up to 4), a
+    number caps the adapters per process, False (the default) or 0 runs every trial in its own process.
+    Packing is off by default because on one H200 it measured slower than fractional GPUs for small trials
+    (BENCHMARKS.md, "Sweep throughput"); it computes the same results.
     """
 
     name: str
@@ -117,7 +118,7 @@ class Sweep:
     max_failures: int = 2
     keep_checkpoints: int = 2
     seed: int | None = 0
-    pack: bool | int | None = None
+    pack: bool | int = False
 
     def problems(self) -> list[str]:
         """Every problem in the sweep definition (without a cluster); `validate` raises them together."""
@@ -158,14 +159,9 @@ class Sweep:
             )
         if not isinstance(self.max_failures, int) or self.max_failures < 0:
             problems.append(f"`sweep.max_failures` must be >= 0, got {self.max_failures!r}")
-        if not (
-            self.pack is None
-            or isinstance(self.pack, bool)
-            or (isinstance(self.pack, int) and self.pack >= 0)
-        ):
+        if not (isinstance(self.pack, bool) or (isinstance(self.pack, int) and self.pack >= 0)):
             problems.append(
-                f"`sweep.pack` must be None (pack GPU sweeps that can), true, false or a number of adapters per "
-                f"process, got {self.pack!r}"
+                f"`sweep.pack` must be true, false or a number of adapters per process (0: off), got {self.pack!r}"
             )
         if self.max_concurrent_trials is not None and (
             not isinstance(self.max_concurrent_trials, int) or self.max_concurrent_trials < 1

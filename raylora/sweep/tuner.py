@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -153,15 +152,12 @@ def _pack_cap(sweep: Sweep) -> int | None:
         ConfigError: `sweep.pack` asks for packing that this sweep's trials cannot do (the reasons listed).
     """
     pack, on_gpu = sweep.pack, sweep.resources.gpus_per_worker > 0
-    if pack is False or (pack is not True and pack == 0) or (pack is None and not on_gpu):
+    if pack is False or pack == 0:
         return None
     problems = pack_problems_of_sweep(sweep)
     if problems:
-        if pack is None:
-            print(f"raylora: trials run unpacked: {'; '.join(problems)}", file=sys.stderr, flush=True)
-            return None
         raise ConfigError([f"`sweep.pack` is {pack!r}, but {problem}" for problem in problems])
-    if pack is None or pack is True:
+    if pack is True:
         return _DEFAULT_PACK_GPU if on_gpu else _DEFAULT_PACK_CPU
     return int(pack)
 
