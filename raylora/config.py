@@ -252,7 +252,8 @@ class ModelConfig:
     )
     trust_remote_code: bool = _help("Allow model code from the hub repository to run.", default=False)
     token: str | None = _help(
-        "Hub access token for gated or private models; None uses HF_TOKEN or the cached login. Never logged.",
+        "Hub access token for gated or private models; None uses HF_TOKEN or the cached login. Never logged "
+        "nor written to a run's files (they hold null; a resumed run takes it from its config or HF_TOKEN).",
         default=None,
     )
 

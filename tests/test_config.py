@@ -59,8 +59,16 @@ def test_set_parses_ints_floats_none_and_lists(capsys):
     [
         ("adapter.qlora=Flase", "`adapter.qlora` must be true or false, got 'Flase'", "write true or false"),
         ("adapter.r=8.5", "`adapter.r` must be a whole number, got 8.5", "write an integer"),
-        ("training.learning_rate=fast", "`training.learning_rate` must be a number, got 'fast'", "e.g. 0.0002"),
-        ("training.max_steps=null", "`training.max_steps` must be a whole number, got None", "write an integer"),
+        (
+            "training.learning_rate=fast",
+            "`training.learning_rate` must be a number, got 'fast'",
+            "e.g. 0.0002",
+        ),
+        (
+            "training.max_steps=null",
+            "`training.max_steps` must be a whole number, got None",
+            "write an integer",
+        ),
     ],
 )
 def test_set_refuses_what_does_not_parse_naming_field_value_and_fix(capsys, setting, field, fix):
