@@ -11,12 +11,14 @@ from typing import Any
 
 from raylora.config import ConfigError, FinetuneConfig, demo_config
 from raylora.jobs import JobError
+from raylora.names import METRICS_FILE
 
 __all__ = ["main"]
 
 
 def _parse_value(text: str) -> Any:
-    """`--set` values are JSON when they parse as JSON (numbers, booleans, lists), else plain strings."""
+    """`--set` values are JSON when they parse as JSON (numbers, booleans, lists), else plain strings, which
+    `FinetuneConfig.from_dict` then parses for the field's type (False, no, 0 -> false; None -> None)."""
     try:
         return json.loads(text)
     except json.JSONDecodeError:
@@ -53,7 +55,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         config.training.output_dir = args.output_dir
     config.validate()  # field problems before the banner; model-dependent ones come from train()
     if args.dump:
-        print(json.dumps(config.to_dict(), indent=2))
+        print(json.dumps(config.to_dict(secrets=args.include_secrets), indent=2))
+        if config.model.token and not args.include_secrets:
+            print("raylora: `model.token` left out (null); --include-secrets prints it", file=sys.stderr)
         return 0
     resume_from = None
     if args.resume:
@@ -73,7 +77,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     )
     result = train(config, resume_from=resume_from)
     params = result.parameters
-    first = _first_train_loss(Path(config.training.output_dir) / "metrics.jsonl")
+    if result.start_step >= result.step:
+        print(
+            f"already finished: {resume_from} is at step {result.step} = `training.max_steps`, so there was "
+            f"nothing to train; eval_loss {result.eval_loss:.4f}\nadapter: {result.adapter_dir}\n"
+            f"to train further, resume with a larger max_steps, e.g. --resume --set "
+            f"training.max_steps={2 * result.step}"
+        )
+        return 0
+    first = _first_train_loss(Path(config.training.output_dir) / METRICS_FILE)
     print(
         f"done: step {result.step}, eval_loss {result.eval_loss:.4f}"
         + (
@@ -292,10 +304,14 @@ def _build_parser() -> argparse.ArgumentParser:
         "--resume",
         nargs="?",
         const="latest",
-        help="continue from a checkpoint directory, or (no value) the latest one under the output dir",
+        help="continue from a checkpoint directory, or (no value) the latest one under the output dir that "
+        "loads; the config must be the one that wrote it, except training.max_steps",
     )
     train_parser.add_argument(
-        "--dump", action="store_true", help="print the resolved config as JSON and exit"
+        "--dump", action="store_true", help="print the resolved config as JSON and exit (without secrets)"
+    )
+    train_parser.add_argument(
+        "--include-secrets", action="store_true", help="with --dump: print `model.token` too"
     )
     train_parser.set_defaults(func=_cmd_train)
 
@@ -410,6 +426,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         FloatingPointError
     ) as error:  # NonFiniteLossError: the run diverged; its message says what to change
         print(f"raylora: error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        from raylora.checkpoint import DiskFullError
+
+        if not isinstance(error, DiskFullError):
+            raise
+        print(f"raylora: error: {error.strerror}", file=sys.stderr)
         return 1
 
 

@@ -7,17 +7,30 @@ quote. ``FinetuneConfig.validate()`` checks every field without touching a model
 Checks that need the model or the data (a target-module typo, a max length beyond the model's) live beside
 the code that loads them (`raylora.model`, `raylora.data`) and use the same error type.
 
-The config crosses into Ray as a plain dict (`to_dict` / `from_dict`); sweeps override single fields by
-dotted path (`with_overrides({"adapter.r": 16})`).
+Values are parsed and type-checked against each field's annotation wherever a config is built from text or
+plain data (`from_dict`: a `--config` JSON file, `--set section.field=value`, a sweep's sampled values): a
+boolean field takes true/false (also yes/no, on/off, 1/0, in any case), an optional field takes None or
+null, an integer field a whole number, a list-of-names field a list or a comma-separated string. Anything
+else is a `ConfigError` naming the field, the value and the fix: a string "False" never counts as true.
+`validate()` checks the types of a config built in Python the same way, without converting.
+
+The config crosses into Ray as a plain dict (`to_dict(secrets=True)` / `from_dict`), and is written to files
+and logs as `to_dict()`, which leaves secrets out (`model.token` is None there; `raylora.redaction` says
+what a secret is); sweeps override single fields by dotted path (`with_overrides({"adapter.r": 16})`).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
+
+from raylora.redaction import is_secret_name
 
 __all__ = [
     "AdapterConfig",
@@ -73,6 +86,149 @@ def _choice(problems: list[str], name: str, value: Any, choices: tuple[str, ...]
         problems.append(f"`{name}` must be one of {', '.join(choices)}; got {value!r}")
 
 
+# ---- parsing and type-checking field values ------------------------------------------------------------------
+
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+_NONE = ("none", "null")
+_KIND_TEXT = {
+    bool: ("true or false", "write true or false (yes/no, on/off and 1/0 also work)"),
+    int: ("a whole number", "write an integer, e.g. 16"),
+    float: ("a number", "write a number, e.g. 0.0002 or 2e-4"),
+    str: ("a string", "write the text"),
+    list: (
+        "a list of names",
+        'write a JSON list such as ["q_proj", "v_proj"] or a comma-separated q_proj,v_proj',
+    ),
+    dict: ("a mapping", 'write a JSON object such as {"bias": "lora_only"}'),
+    type(None): ("None", "write null (or None)"),
+}
+
+
+class _BadValue(ValueError):
+    pass
+
+
+@functools.cache
+def _field_kinds(section_cls: type) -> dict[str, tuple[type, ...]]:
+    """Field name -> the plain types its annotation allows (bool, int, float, str, list, dict, NoneType)."""
+    hints = typing.get_type_hints(section_cls)
+    kinds: dict[str, tuple[type, ...]] = {}
+    for f in dataclasses.fields(section_cls):
+        hint = hints[f.name]
+        options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        kinds[f.name] = tuple(typing.get_origin(o) or o for o in options)
+    return kinds
+
+
+def _kind_problem(name: str, value: Any, kinds: tuple[type, ...]) -> str:
+    wanted = " or ".join(_KIND_TEXT[k][0] for k in kinds)
+    fixes = "; ".join(_KIND_TEXT[k][1] for k in kinds if k is not type(None))
+    return f"`{name}` must be {wanted}, got {value!r}; {fixes}"
+
+
+def _parse(value: Any, kinds: tuple[type, ...]) -> Any:
+    """`value` as one of `kinds`, converting text and numbers where the meaning is unambiguous.
+
+    Raises:
+        _BadValue: no kind takes the value.
+    """
+    if value is None:
+        if type(None) in kinds:
+            return None
+    elif isinstance(value, bool):
+        if bool in kinds:
+            return value
+    elif isinstance(value, int):
+        if int in kinds:
+            return value
+        if float in kinds:
+            return float(value)
+        if bool in kinds and value in (0, 1):
+            return bool(value)
+    elif isinstance(value, float):
+        if float in kinds:
+            return value
+        if int in kinds and value.is_integer():
+            return int(value)
+    elif isinstance(value, str):
+        return _parse_text(value, kinds)
+    elif isinstance(value, list | tuple):
+        if list in kinds and all(isinstance(v, str) for v in value):
+            return list(value)
+    elif isinstance(value, dict) and dict in kinds:
+        return dict(value)
+    raise _BadValue(value)
+
+
+def _parse_text(value: str, kinds: tuple[type, ...]) -> Any:
+    text = value.strip()
+    low = text.lower()
+    if type(None) in kinds and low in _NONE:
+        return None
+    if str in kinds:
+        if list in kinds and "," in text:  # `adapter.target_modules=q_proj,v_proj`
+            return [t.strip() for t in text.split(",") if t.strip()]
+        return value
+    if bool in kinds and low in _TRUE + _FALSE:
+        return low in _TRUE
+    if int in kinds:
+        try:
+            return int(text)
+        except ValueError:
+            pass
+    if float in kinds:
+        try:
+            return float(text)
+        except ValueError:
+            pass
+    if list in kinds and text:
+        return [t.strip() for t in text.split(",") if t.strip()]
+    raise _BadValue(value)
+
+
+def _parse_section(
+    section: str, section_cls: type, values: dict[str, Any]
+) -> tuple[dict[str, Any], list[str]]:
+    """Every known field of `values` parsed for its type; the problems of those that do not parse."""
+    kinds = _field_kinds(section_cls)
+    parsed: dict[str, Any] = {}
+    problems: list[str] = []
+    for name, value in values.items():
+        if name not in kinds:
+            continue
+        try:
+            parsed[name] = _parse(value, kinds[name])
+        except _BadValue:
+            problems.append(_kind_problem(f"{section}.{name}", value, kinds[name]))
+            parsed[name] = value
+    return parsed, problems
+
+
+def _type_problems(section: str, obj: Any) -> dict[str, str]:
+    """Fields of a section object whose value is not of its declared type: field name -> problem.
+
+    A config built in Python is not converted: a string "False" in a boolean field is a problem that names
+    the value to write instead (an int in a float field is fine).
+    """
+    problems: dict[str, str] = {}
+    for name, kinds in _field_kinds(type(obj)).items():
+        value = getattr(obj, name)
+        where = f"{section}.{name}"
+        try:
+            parsed = _parse(value, kinds)
+        except _BadValue:
+            problems[name] = _kind_problem(where, value, kinds)
+            continue
+        same = type(parsed) is type(value) or (isinstance(parsed, float) and type(value) is int)
+        if not same and not (isinstance(parsed, list) and isinstance(value, tuple)):
+            problems[name] = (
+                f"`{where}` must be {' or '.join(_KIND_TEXT[k][0] for k in kinds)}, got {value!r} "
+                f"({type(value).__name__}); use {parsed!r}"
+            )
+    return problems
+
+
 @dataclass
 class ModelConfig:
     """The frozen base model."""
@@ -96,7 +252,8 @@ class ModelConfig:
     )
     trust_remote_code: bool = _help("Allow model code from the hub repository to run.", default=False)
     token: str | None = _help(
-        "Hub access token for gated or private models; None uses HF_TOKEN or the cached login. Never logged.",
+        "Hub access token for gated or private models; None uses HF_TOKEN or the cached login. Never logged "
+        "nor written to a run's files (they hold null; a resumed run takes it from its config or HF_TOKEN).",
         default=None,
     )
 
@@ -256,7 +413,7 @@ class AdapterConfig:
             "use_dora",
             "modules_to_save",
         }
-        clash = sorted(reserved & set(self.peft_kwargs))
+        clash = sorted(reserved & set(self.peft_kwargs if isinstance(self.peft_kwargs, dict) else ()))
         if clash:
             problems.append(
                 f"`adapter.peft_kwargs` sets {clash}, which have their own adapter fields; set those fields instead"
@@ -380,10 +537,14 @@ class FinetuneConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
     def validate(self) -> FinetuneConfig:
-        """Check every field; raise one `ConfigError` listing all problems. Returns self when valid."""
+        """Check every field's type and value; raise one `ConfigError` listing all problems. Returns self when valid."""
         problems: list[str] = []
         for name in _SECTIONS:
-            problems.extend(getattr(self, name).problems())
+            section = getattr(self, name)
+            typed = _type_problems(name, section)
+            problems.extend(typed.values())
+            mistyped = tuple(f"`{name}.{field_name}`" for field_name in typed)
+            problems.extend(p for p in section.problems() if not (mistyped and p.startswith(mistyped)))
         if self.training.fp8 is True and self.adapter.qlora is True:
             problems.append(
                 "`training.fp8` and `adapter.qlora` both quantise the frozen base (FP8 and 4-bit NF4); "
@@ -393,13 +554,30 @@ class FinetuneConfig:
             raise ConfigError(problems)
         return self
 
-    def to_dict(self) -> dict[str, Any]:
-        """A plain, JSON-serialisable dict: the form that crosses into Ray and into logs."""
-        return dataclasses.asdict(self)
+    def to_dict(self, *, secrets: bool = False) -> dict[str, Any]:
+        """A plain, JSON-serialisable dict.
+
+        Args:
+            secrets: keep the values of secret fields (`model.token`). Only the config that crosses into a
+                Ray actor, in memory, needs them (a worker loading a gated model); the default, for files and
+                logs, sets them to None, so a config read back from a file falls back to the environment
+                (`HF_TOKEN`) or the cached login.
+        """
+        data = dataclasses.asdict(self)
+        if not secrets:
+            for section in data.values():
+                for name in section:
+                    if is_secret_name(name):
+                        section[name] = None
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FinetuneConfig:
-        """Build from a nested dict (as `to_dict` writes). Unknown sections or fields are errors."""
+        """Build from a nested dict (as `to_dict` writes), parsing each value for its field's type.
+
+        Raises:
+            ConfigError: unknown sections or fields, or values that no parse turns into the field's type.
+        """
         problems: list[str] = []
         sections: dict[str, Any] = {}
         for key, value in (data or {}).items():
@@ -417,14 +595,16 @@ class FinetuneConfig:
                     f"unknown field(s) {', '.join(f'`{key}.{u}`' for u in unknown)}; "
                     f"`{key}` has: {', '.join(sorted(known))}"
                 )
-            sections[key] = section_cls(**{k: v for k, v in value.items() if k in known})
+            parsed, bad = _parse_section(key, section_cls, value)
+            problems.extend(bad)
+            sections[key] = section_cls(**parsed)
         if problems:
             raise ConfigError(problems)
         return cls(**sections)
 
     def with_overrides(self, overrides: dict[str, Any]) -> FinetuneConfig:
         """A copy with fields replaced by dotted path, e.g. ``{"adapter.r": 8, "training.learning_rate": 1e-4}``."""
-        data = copy.deepcopy(self.to_dict())
+        data = copy.deepcopy(self.to_dict(secrets=True))
         problems: list[str] = []
         for path, value in overrides.items():
             section, _, name = path.partition(".")

@@ -30,7 +30,7 @@ from typing import Any
 
 from raylora.config import ConfigError
 from raylora.raycompat import package_size, quiet_packaging_logs, upload_limit_bytes
-from raylora.redaction import REDACTED, is_secret_name, redact
+from raylora.redaction import REDACTED, StreamRedactor, is_secret_name, redact, secret_values
 
 __all__ = [
     "DEFAULT_EXCLUDES",
@@ -304,14 +304,18 @@ def submit_sweep(
         except AuthenticationError:
             raise _refused(client.get_address(), 403) from None
         except RuntimeError as error:
-            raise JobError(f"the cluster did not accept the job: {redact(str(error))}") from None
+            message = redact(str(error), secrets=secret_values(env_vars))
+            raise JobError(f"the cluster did not accept the job: {message}") from None
     return SubmittedJob(
         job_id=submitted,
         address=client.get_address(),
         entrypoint=entrypoint,
         working_dir=str(root),
         package_bytes=package_bytes,
-        env={k: (REDACTED if is_secret_name(k) else redact(v)) for k, v in env_vars.items()},
+        env={
+            k: (REDACTED if is_secret_name(k) else redact(v, secrets=secret_values(env_vars)))
+            for k, v in env_vars.items()
+        },
     )
 
 
@@ -437,11 +441,12 @@ def job_status(job_id: str, *, address: str | None = None) -> dict[str, Any]:
     client = connect(address)
     info = _job_info(client, job_id)
     runtime_env = info.runtime_env or {}
+    secrets = _job_secrets(info)
     return {
         "job_id": job_id,
         "status": str(info.status.value if hasattr(info.status, "value") else info.status),
-        "message": redact(info.message or ""),
-        "entrypoint": redact(info.entrypoint),
+        "message": redact(info.message or "", secrets=secrets),
+        "entrypoint": redact(info.entrypoint, secrets=secrets),
         "start_time": _format_ms(info.start_time),
         "end_time": _format_ms(info.end_time),
         "env": sorted((runtime_env.get("env_vars") or {}).keys()),
@@ -450,24 +455,35 @@ def job_status(job_id: str, *, address: str | None = None) -> dict[str, Any]:
 
 
 def job_logs(job_id: str, *, address: str | None = None) -> str:
-    """The job's whole driver log so far, secrets masked."""
+    """The job's whole driver log so far, secrets masked (`_job_secrets`)."""
     client = connect(address)
-    _job_info(client, job_id)
-    return redact(client.get_job_logs(job_id))
+    info = _job_info(client, job_id)
+    return redact(client.get_job_logs(job_id), secrets=_job_secrets(info))
 
 
 def follow_job(job_id: str, *, address: str | None = None, out=sys.stdout) -> str:
-    """Stream the job's log to `out` until it ends; return its final status."""
+    """Stream the job's log to `out` until it ends, secrets masked across chunks; return its final status."""
     client = connect(address)
-    _job_info(client, job_id)
+    redactor = StreamRedactor(_job_secrets(_job_info(client, job_id)))
 
     async def tail() -> None:
-        async for chunk in client.tail_job_logs(job_id):
-            out.write(redact(chunk))
+        try:
+            async for chunk in client.tail_job_logs(job_id):
+                out.write(redactor.feed(chunk))
+                out.flush()
+        finally:
+            out.write(redactor.flush())
             out.flush()
 
     asyncio.run(tail())
     return _wait_until_ended(client, job_id, 30)  # the log closes as the job ends; the status follows
+
+
+def _job_secrets(info) -> list[str]:
+    """What to mask in a job's output: values of secret-named variables here and in the job's own
+    `env_vars` (values given with `--env NAME=VALUE` exist only there)."""
+    env_vars = (info.runtime_env or {}).get("env_vars") or {}
+    return secret_values(env_vars)
 
 
 def stop_job(job_id: str, *, address: str | None = None, wait_s: float = 30.0) -> str:

@@ -19,11 +19,13 @@ __all__ = [
     "FIRST_STEP_AT",
     "GRAD_NORM",
     "LEARNING_RATE",
+    "METRICS_FILE",
     "NUM_NODES",
     "PACK_ENGINE",
     "PACK_SIZE",
     "PEAK_MEMORY_GIB",
     "REPORTED_METRICS",
+    "RUN_RECORD",
     "SETUP_TIME_S",
     "STEP",
     "TOKENS_PER_SEC",
@@ -49,10 +51,11 @@ STEP = "step"
 TRAIN_LOSS = "train_loss"
 EVAL_LOSS = "eval_loss"
 EVAL_PERPLEXITY = "eval_perplexity"
-LEARNING_RATE = "lr"
+LEARNING_RATE = "lr"  # the rate the reported step used
 GRAD_NORM = "grad_norm"
 TOKENS_PER_SEC = "tokens_per_sec"
 TOKENS_SEEN = "tokens_seen"
+# This run's own peak since its set-up (`raylora.recipe.reset_peak_memory`): GPU allocated; CPU resident.
 PEAK_MEMORY_GIB = "peak_memory_gib"
 TRAINABLE_PARAMS = "trainable_params"
 TOTAL_PARAMS = "total_params"
@@ -81,6 +84,9 @@ PACK_SIZE = "pack_size"
 CHECKPOINT_STATE_FILE = "trainer_state.pt"
 # Beside the adapter weights: the run config and the resolved target modules.
 ADAPTER_RUN_CONFIG = "raylora_config.json"
+# In a run's output directory: which run owns it (config without secrets, worker count), and its metrics.
+RUN_RECORD = "raylora_run.json"
+METRICS_FILE = "metrics.jsonl"
 
 # ---- what MLflow and the report call a trial's settings and summaries ------------------------------------------
 # One short param name per setting a user compares or filters on (dotted config field -> param name). A trial

@@ -39,8 +39,11 @@ from typing import Any
 import torch
 
 from raylora.checkpoint import (
+    atomic_directory,
     checkpoint_dir,
+    config_differences,
     name_base_as_given,
+    prune_checkpoints,
     read_trainer_state,
     write_run_files,
     write_trainer_state,
@@ -70,6 +73,7 @@ from raylora.names import (
     TRAIN_TIME_S,
     TRAINABLE_PARAMS,
     TRAINABLE_PERCENT,
+    WALL_TIME_S,
 )
 from raylora.recipe import (
     NonFiniteLossError,
@@ -78,6 +82,7 @@ from raylora.recipe import (
     evaluate_loss,
     lr_schedule,
     peak_memory_gib,
+    reset_peak_memory,
 )
 
 __all__ = ["PackedRows", "PackedStep", "PackedTrainer", "pack_key", "pack_problems"]
@@ -167,6 +172,8 @@ class _Adapter:
     train_time: float = 0.0
     first_step_at: float | None = None  # wall clock (unix seconds) when its first step began
     paused: bool = False
+    joined: float = field(default_factory=time.monotonic)  # when it joined the pack
+    wall_before: float = 0.0  # wall time of the attempts before a resume, up to their checkpoint
 
     def __post_init__(self) -> None:
         self.batches = None  # set by PackedTrainer: the adapter's own deterministic batch stream
@@ -198,6 +205,8 @@ class PackedTrainer:
         self.layout = PackedRows()
         self.adapters: dict[str, _Adapter] = {}
         self._mask_length = base.data.max_length
+        # The pack's peak memory from here on: the base and every adapter it trains share this process.
+        reset_peak_memory(self.workers.device)
 
     # ---- adapters joining and leaving ------------------------------------------------------------------------
 
@@ -377,11 +386,12 @@ class PackedTrainer:
                 f"`training.learning_rate` (now {cfg.learning_rate}) or set `training.max_grad_norm`"
             )
         grad_norm = clip_and_measure(adapter.params, cfg.max_grad_norm)
+        lr = adapter.scheduler.get_last_lr()[0]  # the rate this step uses; the scheduler moves on below
         adapter.optimizer.step()
         adapter.scheduler.step()
         adapter.optimizer.zero_grad(set_to_none=True)
         adapter.global_step += 1
-        return {TRAIN_LOSS: train_loss, GRAD_NORM: grad_norm}
+        return {TRAIN_LOSS: train_loss, GRAD_NORM: grad_norm, LEARNING_RATE: lr}
 
     # ---- per adapter: metrics, eval, checkpoints ------------------------------------------------------------
 
@@ -393,7 +403,6 @@ class PackedTrainer:
         metrics = {
             STEP: float(adapter.global_step),
             **step_metrics,
-            LEARNING_RATE: adapter.scheduler.get_last_lr()[0],
             TOKENS_PER_SEC: adapter.window_tokens / max(elapsed, 1e-9),
             TOKENS_SEEN: adapter.tokens_seen,
             TRAIN_TIME_S: adapter.train_time,
@@ -403,6 +412,12 @@ class PackedTrainer:
         adapter.window_tokens = 0.0
         adapter.window_start = time.perf_counter()
         return metrics
+
+    def wall_time(self, name: str) -> float:
+        """Seconds since adapter `name` joined the pack, plus, after a resume, the wall time of its earlier
+        attempts up to the checkpoint it resumed from."""
+        adapter = self.adapters[name]
+        return adapter.wall_before + time.monotonic() - adapter.joined
 
     def evaluate(self, name: str) -> float:
         """Adapter `name`'s mean eval loss over the eval split, its rows alone, as its solo run evaluates."""
@@ -425,22 +440,38 @@ class PackedTrainer:
             adapter.window_start = time.perf_counter()  # eval time is not training throughput
 
     def save_adapter(self, name: str, directory: Path) -> Path:
-        """Adapter `name` as a solo run writes it: loadable by plain peft, with the tokenizer and run config."""
+        """Adapter `name` as a solo run writes it: loadable by plain peft, with the tokenizer and run config;
+        written atomically (`raylora.checkpoint.atomic_directory`)."""
         adapter = self.adapters[name]
+        needs = sum(p.numel() * p.element_size() for p in adapter.params)
+        with atomic_directory(directory, needs_bytes=needs) as temporary:
+            self._write_adapter(adapter, temporary)
+        return directory
+
+    def _write_adapter(self, adapter: _Adapter, directory: Path) -> None:
         loaded_from = name_base_as_given(self.model, adapter.config.model.name_or_path)
         with tempfile.TemporaryDirectory(prefix="raylora-pack-") as tmp:
             # peft writes an adapter other than "default" into a folder named after it.
-            self.model.save_pretrained(tmp, selected_adapters=[name])
-            directory.mkdir(parents=True, exist_ok=True)
-            for file in (Path(tmp) / name).iterdir():
+            self.model.save_pretrained(tmp, selected_adapters=[adapter.name])
+            for file in (Path(tmp) / adapter.name).iterdir():
                 shutil.move(str(file), directory / file.name)
         write_run_files(directory, self.tokenizer, adapter.config, adapter.targets, loaded_from=loaded_from)
-        return directory
 
     def save_checkpoint(self, name: str) -> Path:
-        """A resumable checkpoint of adapter `name` under its `output_dir`, in the format a solo run uses."""
+        """A resumable checkpoint of adapter `name` under its `output_dir`, in the format a solo run uses,
+        written atomically; older checkpoints are pruned as a solo run prunes them."""
         adapter = self.adapters[name]
-        directory = self.save_adapter(name, checkpoint_dir(adapter.config, adapter.global_step))
+        directory = checkpoint_dir(adapter.config, adapter.global_step)
+        # The weights twice (safetensors, trainer state) and AdamW's two moments.
+        needs = 4 * sum(p.numel() * p.element_size() for p in adapter.params)
+        with atomic_directory(directory, needs_bytes=needs) as temporary:
+            self._write_adapter(adapter, temporary)
+            self._write_trainer_state(adapter, temporary)
+        prune_checkpoints(directory.parent, adapter.global_step)
+        return directory
+
+    def _write_trainer_state(self, adapter: _Adapter, directory: Path) -> None:
+        name = adapter.name
         names = {id(p): _solo_name(n, name) for n, p in self.model.named_parameters() if _owned_by(n, name)}
         ordered = [names[id(p)] for p in adapter.params]
         optimizer = adapter.optimizer.state_dict()
@@ -461,14 +492,35 @@ class PackedTrainer:
             scheduler=adapter.scheduler.state_dict(),
             config=adapter.config,
             world_size=1,
+            counters={
+                TOKENS_SEEN: adapter.tokens_seen + adapter.window_tokens,
+                TRAIN_TIME_S: adapter.train_time,
+                WALL_TIME_S: self.wall_time(name),
+            },
         )
-        return directory
 
     # ---- helpers --------------------------------------------------------------------------------------------
 
     def _load(self, adapter: _Adapter, named: list[tuple[str, torch.nn.Parameter]], directory: Path) -> int:
-        """Restore a checkpoint written for this config (solo or packed) into `adapter`; return its step."""
+        """Restore a checkpoint written for this config (solo or packed) into `adapter`, with its counters;
+        return its step.
+
+        Raises:
+            ConfigError: the checkpoint belongs to another run (`raylora.checkpoint.config_differences`), was
+                written by several workers, or holds another adapter shape.
+        """
         state = read_trainer_state(directory)
+        differences = config_differences(state.get("config") or {}, adapter.config)
+        if state.get("world_size", 1) != 1:
+            differences.append(f"workers: {state['world_size']} -> 1 (a pack trains on one worker)")
+        if differences:
+            raise ConfigError(
+                f"checkpoint {str(directory)!r} belongs to another run: it differs in {'; '.join(differences)}"
+            )
+        counters = state.get("counters") or {}
+        adapter.tokens_seen = counters.get(TOKENS_SEEN, 0.0)
+        adapter.train_time = counters.get(TRAIN_TIME_S, 0.0)
+        adapter.wall_before = counters.get(WALL_TIME_S, 0.0)
         by_solo_name = {_solo_name(n, adapter.name): p for n, p in named}
         if set(state["adapter"]) != set(by_solo_name):
             missing = sorted(set(by_solo_name) - set(state["adapter"]))[:3]

@@ -25,6 +25,7 @@ its own slice of each global batch.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import resource
@@ -70,6 +71,7 @@ from raylora.names import (
     TRAIN_TIME_S,
     TRAINABLE_PARAMS,
     TRAINABLE_PERCENT,
+    WALL_TIME_S,
 )
 
 __all__ = [
@@ -80,7 +82,10 @@ __all__ = [
     "evaluate_loss",
     "lr_schedule",
     "peak_memory_gib",
+    "reset_peak_memory",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -113,6 +118,7 @@ class LoraRecipe:
         self.workers = workers or Workers.detect()
         self.global_step = 0  # optimizer steps done
         self._started = time.perf_counter()
+        self._wall_before = 0.0  # wall time of the attempts before a resume, up to their checkpoint
         self._throughput = _Throughput()
 
     # ---- set-up: everything that can reject the input happens before the first step -------------------
@@ -135,7 +141,12 @@ class LoraRecipe:
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(cfg.training))
         if resume_from is not None:
-            self.global_step = load_checkpoint(Path(resume_from), self.model, self.optimizer, self.scheduler)
+            self.global_step, counters = load_checkpoint(
+                Path(resume_from), self.model, self.optimizer, self.scheduler
+            )
+            self._throughput.tokens_seen = counters.get(TOKENS_SEEN, 0.0)
+            self._throughput.train_time = counters.get(TRAIN_TIME_S, 0.0)
+            self._wall_before = counters.get(WALL_TIME_S, 0.0)
         self.autocast = self.workers.autocast(cfg.training.precision)
         self._batches = iterate_batches(
             self.data.train,
@@ -146,8 +157,7 @@ class LoraRecipe:
             rank=self.workers.rank,
             world_size=self.workers.world_size,
         )
-        if self.workers.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.workers.device)
+        reset_peak_memory(self.workers.device)
         self.static_metrics = {
             TRAINABLE_PARAMS: float(self.parameters.trainable),
             TOTAL_PARAMS: float(self.parameters.total),
@@ -198,7 +208,7 @@ class LoraRecipe:
         return [next(self._batches) for _ in range(self.config.training.grad_accum_steps)]
 
     def step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-        """One optimizer step over `micro_batches`; returns its train loss and gradient norm.
+        """One optimizer step over `micro_batches`; returns its train loss, gradient norm and learning rate.
 
         Raises:
             NonFiniteLossError: the loss is NaN or infinite.
@@ -225,6 +235,7 @@ class LoraRecipe:
             (token_loss * scale).backward()
             loss_sum += token_loss.detach()
         grad_norm = clip_and_measure(self.trainable, cfg.max_grad_norm)
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step uses; the scheduler moves on below
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -238,7 +249,7 @@ class LoraRecipe:
                 f"(now {cfg.learning_rate}) or set `training.max_grad_norm`"
             )
         self._throughput.train_time += time.perf_counter() - started
-        return {TRAIN_LOSS: train_loss, GRAD_NORM: grad_norm}
+        return {TRAIN_LOSS: train_loss, GRAD_NORM: grad_norm, LEARNING_RATE: lr}
 
     def train_metrics(self, step_metrics: dict[str, float]) -> dict[str, float]:
         """The train report at a log step: the step's numbers, throughput since the last log, memory, sizes.
@@ -252,7 +263,6 @@ class LoraRecipe:
         metrics = {
             STEP: float(self.global_step),
             **step_metrics,
-            LEARNING_RATE: self.scheduler.get_last_lr()[0],
             TOKENS_PER_SEC: window_tokens / max(elapsed, 1e-9),
             TOKENS_SEEN: meter.tokens_seen,
             TRAIN_TIME_S: meter.train_time,
@@ -264,8 +274,19 @@ class LoraRecipe:
         return metrics
 
     def wall_time(self) -> float:
-        """Seconds since this recipe was created (set-up included)."""
-        return time.perf_counter() - self._started
+        """Seconds since this recipe was created (set-up included), plus, after a resume, the wall time of
+        the earlier attempts up to the checkpoint it resumed from."""
+        return self._wall_before + time.perf_counter() - self._started
+
+    def counters(self) -> dict[str, float]:
+        """The run's running totals, for a checkpoint: a resumed run continues them. A collective (a sum over
+        ranks): every rank calls it at the same step."""
+        meter = self._throughput
+        return {
+            TOKENS_SEEN: meter.tokens_seen + self.workers.sum(meter.window_tokens),
+            TRAIN_TIME_S: meter.train_time,
+            WALL_TIME_S: self.wall_time(),
+        }
 
     # ---- evaluation, checkpoints, the adapter ------------------------------------------------------------
 
@@ -295,6 +316,7 @@ class LoraRecipe:
             self.global_step,
             self.config,
             self.workers,
+            counters=self.counters(),
         )
         self._throughput.restart_window()
         return str(directory) if self.workers.is_main else None
@@ -418,8 +440,46 @@ def clip_and_measure(parameters: list[torch.nn.Parameter], max_norm: float) -> f
     return float(norm)
 
 
+def reset_peak_memory(device: torch.device) -> bool:
+    """Start measuring this run's own peak memory (`peak_memory_gib`) now; False where the CPU peak cannot be
+    reset (then it is the process's lifetime peak, with a warning once).
+
+    A Ray actor runs trial after trial in one process: without a reset, a trial's CPU peak would be the
+    largest of every trial before it. Linux resets the process's resident-set high-water mark on request
+    (writing 5 to /proc/self/clear_refs).
+    """
+    global _CPU_PEAK_RESETS
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        _CPU_PEAK_RESETS = True
+    except OSError:
+        if _CPU_PEAK_RESETS is None:
+            logger.warning(
+                "cannot reset the process's peak memory here: `peak_memory_gib` is the process's lifetime peak "
+                "resident set size, which includes the runs before this one in the same process"
+            )
+        _CPU_PEAK_RESETS = False
+    return bool(_CPU_PEAK_RESETS)
+
+
+_CPU_PEAK_RESETS: bool | None = None  # whether /proc/self/clear_refs took the last reset (None: not tried)
+
+
 def peak_memory_gib(device: torch.device) -> float:
-    """Peak allocated device memory on a GPU; the process's peak resident set size on the CPU."""
+    """Peak memory since `reset_peak_memory`: allocated device memory on a GPU; the process's peak resident
+    set size on the CPU (its lifetime peak where the peak cannot be reset)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
+    if _CPU_PEAK_RESETS:
+        try:
+            with open("/proc/self/status") as handle:
+                for line in handle:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) / 2**20  # in KiB
+        except OSError:
+            pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux

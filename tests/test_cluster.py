@@ -196,6 +196,85 @@ def test_submission_without_the_right_token_is_refused(cluster: LocalCluster, tm
     assert not any((job.metadata or {}).get("raylora.sweep") == "refused" for job in client.list_jobs())
 
 
+def test_followed_logs_mask_a_secret_split_across_chunks_and_one_given_only_to_the_job(
+    cluster: LocalCluster, tmp_path, monkeypatch
+):
+    """A job prints two secrets, each in two writes seconds apart, so that Ray's log stream delivers each
+    in two chunks: HF_TOKEN, set here too, and MY_API_KEY, given only in the job's env (as `--env
+    MY_API_KEY=VALUE` sends it). Neither shows in the followed log nor in the whole log."""
+    import asyncio
+    import io
+    import shlex
+    import threading
+
+    from raylora.jobs import follow_job, job_logs
+
+    here, job_only = "hf_splitAcrossChunks0123456789", "sk-givenOnlyToTheJob9876543210"
+    monkeypatch.setenv("RAY_AUTH_TOKEN", cluster.token)
+    monkeypatch.setenv("HF_TOKEN", here)
+    go = tmp_path / "go"
+    script = textwrap.dedent(
+        f"""
+        import os, sys, time
+        print("waiting", flush=True)
+        while not os.path.exists({str(go)!r}):
+            time.sleep(0.2)
+        for name in ("HF_TOKEN", "MY_API_KEY"):
+            secret = os.environ[name]
+            sys.stdout.write(name + " is " + secret[:12]); sys.stdout.flush(); time.sleep(3)
+            sys.stdout.write(secret[12:] + " ok\\n"); sys.stdout.flush(); time.sleep(1)
+        """
+    )
+    client = JobSubmissionClient(cluster.dashboard, headers={"Authorization": f"Bearer {cluster.token}"})
+    job_id = client.submit_job(
+        entrypoint=f"{shlex.quote(sys.executable)} -c {shlex.quote(script)}",
+        runtime_env={"env_vars": {"HF_TOKEN": here, "MY_API_KEY": job_only}},
+    )
+    followed, raw, status = io.StringIO(), [], []
+
+    async def record() -> None:  # Ray's own stream, to see where its chunks break
+        async for chunk in client.tail_job_logs(job_id):
+            raw.append(chunk)
+
+    threads = [
+        threading.Thread(
+            target=lambda: status.append(follow_job(job_id, address=cluster.dashboard, out=followed))
+        ),
+        threading.Thread(target=lambda: asyncio.run(record())),
+    ]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 120
+    while not ("waiting" in "".join(raw) and "waiting" in followed.getvalue()):
+        assert time.monotonic() < deadline, "the job's log never started"
+        time.sleep(0.2)
+    go.touch()  # both streams are live: the secrets arrive in pieces
+    for thread in threads:
+        thread.join(timeout=120)
+    assert status == ["SUCCEEDED"], followed.getvalue()
+    stream = "".join(raw)
+    for secret in (here, job_only):
+        assert secret in stream and not any(secret in chunk for chunk in raw)  # split by the stream itself
+    shown = followed.getvalue()
+    assert "HF_TOKEN is *** ok" in shown and "MY_API_KEY is *** ok" in shown, shown
+    whole = job_logs(job_id, address=cluster.dashboard)
+    assert here not in shown + whole and job_only not in shown + whole
+
+
+def test_a_stream_is_masked_the_same_wherever_its_chunks_break():
+    from raylora.redaction import StreamRedactor, redact
+
+    secrets = ["hf_abcdefghijkl", "with a space"]
+    text = "a hf_abcdefghijkl b https://user:pass@host/x c\rhf_abcdefghijklhf_abcdefghijkl with a space!"
+    whole = redact(text, secrets=secrets)
+    assert "hf_" not in whole and "pass" not in whole and "space" not in whole
+    for first in range(1, len(text)):
+        for second in range(first, len(text)):
+            redactor = StreamRedactor(secrets)
+            parts = (text[:first], text[first:second], text[second:])
+            assert "".join(redactor.feed(p) for p in parts) + redactor.flush() == whole, parts
+
+
 def test_unreachable_address_fails_within_seconds(tmp_path):
     (port,) = free_ports(1)  # nothing listens there
     sweep = REPO / "sweeps" / "quickstart.py"

@@ -18,7 +18,7 @@ from raylora.config import ConfigError, demo_config
 from raylora.fastpath import Float8Linear, convert_to_float8, install_lean_lora
 from raylora.names import EVAL_LOSS, TRAIN_LOSS
 from raylora.recipe import activation_checkpointing
-from raylora.training import train
+from raylora.training import evaluate_adapter, train
 
 
 def _tiny_peft(dtype: torch.dtype, *, dropout: float = 0.1, targets="all-linear", **lora) -> torch.nn.Module:
@@ -150,6 +150,7 @@ class _Losses:
         self.train: list[float] = []
         self.eval: list[float] = []
         self.adapter_dir: Path | None = None
+        self.config = None
 
     def report(self, metrics: dict[str, float], *, checkpoint_dir: str | None = None) -> None:
         if EVAL_LOSS in metrics:
@@ -182,6 +183,7 @@ def _run(
     config.training.fp8 = fp8
     losses = _Losses()
     losses.adapter_dir = Path(train(config, reporter=losses).adapter_dir)
+    losses.config = config
     return losses
 
 
@@ -340,6 +342,9 @@ def test_fp8_training_follows_the_bf16_curve_and_saves_a_plain_adapter(tmp_path)
     state = loaded.state_dict()
     (name, tensor), *_ = ((n, t) for n, t in weights.items() if "lora_B" in n)
     assert torch.equal(state[name.replace(".weight", ".default.weight")], tensor)
+    # Evaluated afresh, it is on the fp8 base it was trained against: the run's own eval loss, not the bf16
+    # base's (which differs by more than the tolerance here).
+    assert evaluate_adapter(fp8.config, fp8.adapter_dir) == pytest.approx(fp8.eval[-1], rel=1e-6)
 
 
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])

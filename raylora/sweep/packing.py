@@ -84,7 +84,8 @@ def run_packed_trial(
     name = f"trial_{trial_id}"  # not a prefix of peft's "lora_" names
     checkpoint = tune.get_checkpoint()
     engine = _engine_for(spec, config, name)
-    ray.get(engine.join.remote(name, config.to_dict(), checkpoint))
+    # With secrets: the engine loads the base (a gated model needs `model.token`); the call stays in memory.
+    ray.get(engine.join.remote(name, config.to_dict(secrets=True), checkpoint))
     try:
         while True:
             event = ray.get(engine.next_event.remote(name, _EVENT_WAIT_S))
@@ -409,7 +410,7 @@ def _engine_class():
                 STEP: float(step),
                 EVAL_LOSS: eval_loss,
                 EVAL_PERPLEXITY: math.exp(min(eval_loss, 50.0)),
-                WALL_TIME_S: time.monotonic() - member.joined,
+                WALL_TIME_S: trainer.wall_time(name),  # continues a resumed trial's
                 PACK_ENGINE: self.name,
                 PACK_SIZE: float(len(trainer.adapters)),
             }

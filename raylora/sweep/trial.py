@@ -54,6 +54,9 @@ def _run_trial(sampled: dict[str, Any], *, sweep_spec: dict[str, Any]) -> None:
     config.training.output_dir = str(
         Path(tempfile.gettempdir()) / "raylora-trials" / sweep_spec["name"] / context.get_trial_id()
     )
+    # A scratch directory: Tune's checkpoint is the trial's state; an attempt killed before its clean-up left
+    # files here that `train` would refuse as another attempt's run.
+    shutil.rmtree(config.training.output_dir, ignore_errors=True)
     workers = sweep_spec["resources"]["workers"]
     try:
         if sweep_spec.get("pack"):
@@ -126,11 +129,14 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     from raylora.training import train
 
     config = FinetuneConfig.from_dict(loop_config["config"])
+    if loop_config.get("token") is not None:
+        config.model.token = ray.get(loop_config["token"])
     context = ray.train.get_context()
     rank = context.get_world_rank()
     nodes: list[str] = [""] * context.get_world_size()
     dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     config.training.output_dir = f"{config.training.output_dir}/rank{rank}"
+    shutil.rmtree(config.training.output_dir, ignore_errors=True)  # a scratch directory, as in `_run_trial`
     checkpoint = ray.train.get_checkpoint()
     resume_dir = _local_copy(checkpoint, config) if checkpoint else None
     train(config, reporter=_EvalReporter(ray.train, _placement(nodes)), resume_from=resume_dir)
@@ -150,9 +156,12 @@ def _fit_torch_trainer(config: FinetuneConfig, spec: dict[str, Any], trial_id: s
     resources = {"CPU": res["cpus_per_worker"]}
     if use_gpu:
         resources["GPU"] = res["gpus_per_worker"]
+    # Ray Train keeps `train_loop_config` in its run state (the dashboard shows it): the config goes without
+    # secrets, and `model.token` by reference to the object store.
+    token = ray.put(config.model.token) if config.model.token else None
     trainer = TorchTrainer(
         _train_worker,
-        train_loop_config={"config": config.to_dict()},
+        train_loop_config={"config": config.to_dict(), "token": token},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=res["workers"],

@@ -163,8 +163,9 @@ def _pack_cap(sweep: Sweep) -> int | None:
 
 
 def _sweep_spec(sweep: Sweep, storage: str, pack: int | None = None, namespace: str = "") -> dict[str, Any]:
-    """What a trial needs, as plain data: it crosses into Ray actors."""
-    base = sweep.base.to_dict()
+    """What a trial needs, as plain data: it crosses into Ray actors (in memory: `tune.with_parameters` keeps
+    it in the object store, not in the experiment's files), so it keeps `model.token` for gated models."""
+    base = sweep.base.to_dict(secrets=True)
     # Trials run with the trial directory as their working directory: pin relative local paths here.
     for section, key in (("model", "name_or_path"), ("data", "path"), ("data", "eval_path")):
         value = base[section][key]
