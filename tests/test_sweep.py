@@ -31,12 +31,14 @@ from servers import S3Server, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 RAYLORA = [sys.executable, "-m", "raylora"]
+_DASHBOARD: list[str] = []  # the module's Ray dashboard, for the state API
 
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_cluster():
     # The dashboard serves Ray's state API, which counts the worker groups a TorchTrainer started.
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_port=free_port(), log_to_driver=False)
+    context = ray.init(num_cpus=2, include_dashboard=True, dashboard_port=free_port(), log_to_driver=False)
+    _DASHBOARD.append(f"http://{context.dashboard_url}")
     yield
     ray.shutdown()
 
@@ -306,7 +308,10 @@ def _train_workers_started() -> int:
     from ray.util.state import list_actors
 
     workers = list_actors(
-        filters=[("class_name", "=", "RayTrainWorker")], limit=10_000, raise_on_missing_output=False
+        address=_DASHBOARD[-1],  # this test's cluster: the machine may run others
+        filters=[("class_name", "=", "RayTrainWorker")],
+        limit=10_000,
+        raise_on_missing_output=False,
     )
     return len(workers)
 
