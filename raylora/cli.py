@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,7 +13,7 @@ from typing import Any
 
 from raylora.config import ConfigError, FinetuneConfig, demo_config
 from raylora.jobs import JobError
-from raylora.names import METRICS_FILE
+from raylora.names import INTERRUPTED, METRICS_FILE, PENDING
 
 __all__ = ["main"]
 
@@ -105,7 +107,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     sweep = load_sweep(args.sweep_file)
     if args.storage_path:
         sweep.storage_path = args.storage_path
-    if args.num_samples:
+    if args.num_samples is not None:  # 0 included: validate() refuses it rather than running the default
         sweep.num_samples = args.num_samples
     sweep.validate()
     print(
@@ -114,6 +116,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         f"{sweep.resources.workers} worker(s) per trial" + (" (resuming)" if args.resume else ""),
         flush=True,
     )
+    from raylora.tracking import ray_job_id
+
     callbacks = []
     tracking_uri = None
     if not args.no_mlflow:
@@ -134,26 +138,60 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if "://" not in result.experiment_path:
         write_summary(result, summary)
     print("\ntrials:\n" + result.table())
-    if result.best is not None:
+    if result.interrupted is None and result.best is not None:
         best = result.best
         print(
-            f"\nbest trial {best.trial_id}: {sweep.metric} {best.metric:.4f} at step {best.step}\n"
+            f"\nbest trial {best.trial_id}: {sweep.metric} {best.metric:.4f} at step {best.best_step} "
+            f"(its best eval, of {best.step} steps)\n"
             f"  config: {json.dumps(best.config, default=str)}\n"
             f"  adapter: {best.checkpoint}"
         )
     print(f"results: {result.experiment_path}")
     if tracking_uri is not None:
         _print_mlflow_follow_up(callbacks[0], tracking_uri)
+    if result.interrupted is not None:
+        unfinished = sum(t.status in (INTERRUPTED, PENDING) for t in result.trials)
+        print(
+            f"raylora: the sweep was interrupted ({result.interrupted}) with {unfinished} trial(s) unfinished; "
+            f"nothing was registered. Continue it with:\n  {_resume_command(args)}",
+            file=sys.stderr,
+        )
+        if ray_job_id() is not None:  # a Ray job's driver: from the laptop, the same submission resumes it
+            print(
+                f"  (from where you submitted it: raylora submit {args.sweep_file} ... --resume, with the same "
+                "--storage-path and --tracking-uri)",
+                file=sys.stderr,
+            )
+        # The shell's convention for a process ended by a signal: 128 + its number (130 for Ctrl-C).
+        return 128 + signal.Signals[result.interrupted].value
     if result.all_failed:
         print("raylora: every trial failed; see the errors above", file=sys.stderr)
         return 1
     return 0
 
 
+def _resume_command(args: argparse.Namespace) -> str:
+    """The `raylora run` command line that continues this sweep, with the options that locate it."""
+    parts = ["raylora", "run", args.sweep_file]
+    for flag, value in (
+        ("--storage-path", args.storage_path),
+        ("--address", args.address),
+        ("--tracking-uri", args.tracking_uri),
+    ):
+        if value:
+            parts += [flag, value]
+    if args.no_mlflow:
+        parts.append("--no-mlflow")
+    return shlex.join([*parts, "--resume"])
+
+
 def _print_mlflow_follow_up(tracker, tracking_uri: str) -> None:
     """Where the sweep's runs are and the commands that open them, naming the store really used."""
     from raylora.tracking import job_store_warning, local_store_path
 
+    if tracker.parent_run_id is None:
+        _shout(f"MLflow at {tracking_uri} never answered: this sweep has no run there")
+        return
     print(
         f"MLflow: experiment {tracker.sweep.name!r}, sweep run {tracker.parent_run_name} "
         f"(parent run {tracker.parent_run_id}) in {tracking_uri}"

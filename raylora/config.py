@@ -316,6 +316,12 @@ class DataConfig:
         "Concatenate examples into full `max_length` rows (no padding) instead of one example per row.",
         default=False,
     )
+    split_seed: int = _help(
+        "Seed of the eval hold-out: which records `eval_fraction` sets aside when `eval_path` is None. Apart "
+        "from `training.seed` and fixed for a whole sweep, so that every trial is evaluated on the same "
+        "records even when the search varies the training seed.",
+        default=0,
+    )
 
     def problems(self) -> list[str]:
         problems: list[str] = []
@@ -327,6 +333,7 @@ class DataConfig:
         _positive_int(problems, "data.max_length", self.max_length)
         if isinstance(self.max_length, int) and 0 < self.max_length < 8:
             problems.append(f"`data.max_length` must be at least 8 tokens, got {self.max_length}")
+        _positive_int(problems, "data.split_seed", self.split_seed, allow_zero=True)
         if self.eval_path is None and not (_number(self.eval_fraction) and 0 < self.eval_fraction < 1):
             problems.append(
                 f"`data.eval_fraction` must be strictly between 0 and 1 (e.g. 0.1), got {self.eval_fraction!r}; "

@@ -87,7 +87,7 @@ class DataSummary:
 
     `fingerprint` is a sha256 over the source bytes (or, for a hub dataset, its id, split and `datasets`
     fingerprint) and the `DataConfig` fields that change how records become tokens. It identifies the data
-    and its tokenisation, not the train/eval split (that follows `training.seed` and `data.eval_fraction`,
+    and its tokenisation, not the train/eval split (that follows `data.split_seed` and `data.eval_fraction`,
     which are logged with the config) nor the tokenizer (which follows the model).
     """
 
@@ -132,7 +132,9 @@ def load_data(data: DataConfig, tokenizer: Any, *, seed: int) -> TokenizedData:
     Args:
         data: the data section of the config.
         tokenizer: the model's tokenizer (a fast tokenizer; the `chat` format needs its chat template).
-        seed: seeds the eval hold-out (when `data.eval_path` is None) and the packing order.
+        seed: the run's `training.seed`: it seeds the packing order of the train rows. The eval hold-out
+            (when `data.eval_path` is None) follows `data.split_seed` alone, so runs with different training
+            seeds are evaluated on the same records.
 
     Returns:
         The train and eval examples and a `DataSummary`.
@@ -183,7 +185,7 @@ def load_data(data: DataConfig, tokenizer: Any, *, seed: int) -> TokenizedData:
 
     train_docs, eval_docs = documents["train"], documents["eval"]
     if eval_source is None:
-        train_docs, eval_docs = _hold_out(train_docs, data.eval_fraction, seed)
+        train_docs, eval_docs = _hold_out(train_docs, data.eval_fraction, data.split_seed)
     if truncated:
         logger.warning(
             "%d of %d examples were longer than `data.max_length` = %d tokens and were truncated",

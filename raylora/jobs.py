@@ -74,6 +74,7 @@ DEFAULT_EXCLUDES = (
 # them in its own secret store, a copy from a laptop would override it unasked.
 PASSTHROUGH_ENV = ("HF_ENDPOINT", "MLFLOW_TRACKING_URI")
 TERMINAL_STATUSES = ("SUCCEEDED", "FAILED", "STOPPED")
+STOP_GRACE_S = 60
 _CONNECT_TIMEOUT_S = 5.0
 _PROJECT_MARKERS = ("pyproject.toml", "setup.py", "setup.cfg", ".git")
 _JOB_METADATA_KEY = "raylora.sweep"
@@ -271,6 +272,10 @@ def submit_sweep(
             "not find it; pass a working directory that contains it"
         )
     env_vars = _job_env(env)
+    # `raylora jobs stop` has Ray send the driver SIGTERM, then SIGKILL after this many seconds (3 by default):
+    # the driver needs longer to stop its trials, save the sweep for --resume and end its MLflow runs KILLED.
+    # Ray's job supervisor reads it from the job's environment.
+    env_vars.setdefault("RAY_JOB_STOP_WAIT_TIME_S", str(STOP_GRACE_S))
     all_excludes = [*DEFAULT_EXCLUDES, *excludes]
     runtime_env: dict[str, Any] = {"working_dir": str(root), "excludes": all_excludes}
     if env_vars:
@@ -486,7 +491,7 @@ def _job_secrets(info) -> list[str]:
     return secret_values(env_vars)
 
 
-def stop_job(job_id: str, *, address: str | None = None, wait_s: float = 30.0) -> str:
+def stop_job(job_id: str, *, address: str | None = None, wait_s: float = STOP_GRACE_S + 15.0) -> str:
     """Ask the cluster to stop the job; wait up to `wait_s` for it to end and return its status."""
     client = connect(address)
     _job_info(client, job_id)

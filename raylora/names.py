@@ -1,12 +1,13 @@
 """Names shared by the loop, the sweep, tracking and the report: metric keys, result keys and file names.
 
 One definition of each, so that what a sweep optimises (`metric="eval_loss"`) cannot drift from what the loop
-reports and what MLflow and the report read. This module imports nothing: the CLI, `raylora.tracking` and
+reports and what MLflow and the report read. This module imports nothing but the standard library: the CLI, `raylora.tracking` and
 `raylora.report` read these strings without importing torch or Ray.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 __all__ = [
@@ -16,18 +17,23 @@ __all__ = [
     "CHECKPOINT_STATE_FILE",
     "EVAL_LOSS",
     "EVAL_PERPLEXITY",
+    "FAILED",
+    "FINISHED",
     "FIRST_STEP_AT",
     "GRAD_NORM",
+    "INTERRUPTED",
     "LEARNING_RATE",
     "METRICS_FILE",
     "NUM_NODES",
     "PACK_ENGINE",
     "PACK_SIZE",
     "PEAK_MEMORY_GIB",
+    "PENDING",
     "REPORTED_METRICS",
     "RUN_RECORD",
     "SETUP_TIME_S",
     "STEP",
+    "STOPPED_EARLY",
     "TOKENS_PER_SEC",
     "TOKENS_SEEN",
     "TOTAL_PARAMS",
@@ -41,6 +47,7 @@ __all__ = [
     "WALL_TIME_S",
     "WORKERS_PARAM",
     "WORKER_NODES",
+    "best_index",
     "display_value",
     "param_name",
     "trial_run_name",
@@ -78,6 +85,35 @@ NUM_NODES = "num_nodes"
 # adapters it trained at that eval.
 PACK_ENGINE = "pack_engine"
 PACK_SIZE = "pack_size"
+
+# ---- what became of a trial: one word for the trials table, MLflow (tag `raylora.status`) and the report ------
+FINISHED = "FINISHED"  # trained to `training.max_steps`
+STOPPED_EARLY = "STOPPED (ASHA)"  # stopped before max_steps by the scheduler: a complete, usable trial
+FAILED = "FAILED"  # raised, or its process died more often than `Sweep.max_failures` allows
+INTERRUPTED = "INTERRUPTED"  # the sweep was interrupted (Ctrl-C, `raylora jobs stop`) while it ran; --resume
+PENDING = "PENDING"  # never started
+
+
+def best_index(values: list[float | None], mode: str) -> int | None:
+    """Which of a trial's evals is its best: the one definition of "best" that raylora uses everywhere.
+
+    A trial's best eval is the report with the lowest (`mode="min"`) or highest (`"max"`) value of the
+    sweep's metric over all of its evals, the earliest on a tie; missing and non-finite values never count.
+    Its value is the trial's score (`best_<metric>`), its checkpoint the trial's adapter; the sweep's best
+    trial is the one with the best score among trials that did not fail. The trials table, MLflow, the
+    registry and `raylora report` all use this function.
+
+    Returns:
+        The index of the best value in `values`, or None when none counts.
+    """
+    best: int | None = None
+    for index, value in enumerate(values):
+        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+            continue
+        if best is None or (value < values[best] if mode == "min" else value > values[best]):
+            best = index
+    return best
+
 
 # ---- files ---------------------------------------------------------------------------------------------------
 # In a checkpoint directory, beside the adapter: optimizer, scheduler, step and counters.

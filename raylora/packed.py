@@ -85,7 +85,7 @@ from raylora.recipe import (
     reset_peak_memory,
 )
 
-__all__ = ["PackedRows", "PackedStep", "PackedTrainer", "pack_key", "pack_problems"]
+__all__ = ["PackedRows", "PackedStep", "PackedTrainer", "pack_key", "pack_problems", "shared_fields"]
 
 # Config fields that every adapter of a pack shares with the pack: they shape the frozen base, the tokenized
 # data or the numerics of the shared forward pass.
@@ -97,16 +97,22 @@ _SHARED_FIELDS = (
     "training.precision",
     "training.compile",
     "training.activation_checkpointing",
-    # The eval split and the packing order of the data follow the run's seed.
-    "training.seed",
 )
+# With `data.packing`, the train rows (which documents share a row) follow the run's seed too; the eval split
+# follows `data.split_seed` (in `data`), whatever the training seed.
+_PACKING_FIELDS = ("training.seed",)
+
+
+def shared_fields(config: FinetuneConfig) -> tuple[str, ...]:
+    """The config fields (sections or dotted fields) that every adapter of a pack on `config`'s base shares."""
+    return _SHARED_FIELDS + (_PACKING_FIELDS if config.data.packing else ())
 
 
 def pack_key(config: FinetuneConfig) -> str:
     """What a pack shares: two configs with the same key can train on one base."""
     data = config.to_dict()
     shared: dict[str, Any] = {}
-    for name in _SHARED_FIELDS:
+    for name in shared_fields(config):
         section, _, key = name.partition(".")
         shared[name] = data[section][key] if key else data[section]
     return json.dumps(shared, sort_keys=True, default=str)

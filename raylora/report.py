@@ -29,6 +29,8 @@ from raylora.names import (
     ALPHA_RATIO_PARAM,
     BEST_PREFIX,
     EVAL_LOSS,
+    FAILED,
+    FINISHED,
     PEAK_MEMORY_GIB,
     STEP,
     TOKENS_PER_SEC,
@@ -37,6 +39,7 @@ from raylora.names import (
     TRAIN_TIME_S,
     TRAINABLE_PARAMS,
     WALL_TIME_S,
+    best_index,
     param_name,
     trial_run_name,
 )
@@ -53,8 +56,7 @@ _REPORT_FILES = (
     "pareto_trainable_params.png",
     "pareto_peak_memory.png",
 )
-BEST_EVAL_LOSS = f"{BEST_PREFIX}{EVAL_LOSS}"
-_FAILED = "FAILED"
+_FAILED = FAILED
 _FAILED_STYLE = {"color": "0.55", "linestyle": "--"}
 
 
@@ -63,6 +65,8 @@ class TrialRecord:
     """One trial as the report sees it, whichever store it came from.
 
     `params` maps MLflow param names (`rank`, `lr`, `target_modules`, ...) to the trial's searched values.
+    `best` is the trial's best value of the sweep's `metric` over its evals, by the one definition of best
+    (`raylora.names.best_index`): what the trials table, MLflow's `best_<metric>` and the registry use.
     """
 
     trial_id: str
@@ -75,6 +79,9 @@ class TrialRecord:
     peak_memory_gib: float | None = None
     tokens_per_sec: float | None = None
     wall_time_s: float | None = None
+    metric: str = EVAL_LOSS  # the sweep's metric and mode
+    mode: str = "min"
+    metric_points: list[tuple[int, float]] | None = None  # its history, when it is not `eval_loss`
 
     @property
     def failed(self) -> bool:
@@ -89,8 +96,14 @@ class TrialRecord:
         return self.eval_loss[-1][1] if self.eval_loss else None
 
     @property
-    def best_eval_loss(self) -> float | None:
-        return min(v for _, v in self.eval_loss) if self.eval_loss else None
+    def best(self) -> float | None:
+        points = self.eval_loss if self.metric_points is None else self.metric_points
+        index = best_index([v for _, v in points], self.mode)
+        return None if index is None else points[index][1]
+
+    @property
+    def best_name(self) -> str:
+        return f"{BEST_PREFIX}{self.metric}"
 
     @property
     def steps(self) -> int:
@@ -146,6 +159,7 @@ def _parent_for_directory(path: Path, tracking_uri: str | None) -> str | None:
     runs = client.search_runs(
         [experiment.experiment_id],
         filter_string=f"tags.`raylora.experiment_path` = '{path.resolve()}'",
+        order_by=["attributes.start_time DESC"],  # the newest sweep run of that directory
         max_results=1,
     )
     return runs[0].info.run_id if runs else None
@@ -173,6 +187,8 @@ def _read_mlflow(parent_run_id: str, tracking_uri: str | None) -> list[TrialReco
         filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
         max_results=10000,
     )
+    metric = parent.data.params.get("sweep.metric", EVAL_LOSS)
+    mode = parent.data.params.get("sweep.mode", "min")
     records = []
     for run in children:
         searched = [p for p in run.data.tags.get("raylora.searched", "").split(",") if p]
@@ -186,7 +202,9 @@ def _read_mlflow(parent_run_id: str, tracking_uri: str | None) -> list[TrialReco
             TrialRecord(
                 trial_id=run.data.tags.get("raylora.trial_id", run.info.run_id[:8]),
                 params=params,
-                status=run.info.status,
+                # The outcome in the trials table's words (STOPPED (ASHA), INTERRUPTED...); MLflow's status
+                # for runs logged before raylora tagged it.
+                status=run.data.tags.get("raylora.status") or run.info.status,
                 name=run.info.run_name or "",
                 train_loss=history(TRAIN_LOSS),
                 eval_loss=history(EVAL_LOSS),
@@ -194,12 +212,19 @@ def _read_mlflow(parent_run_id: str, tracking_uri: str | None) -> list[TrialReco
                 peak_memory_gib=metrics.get(PEAK_MEMORY_GIB),
                 tokens_per_sec=metrics.get(TOKENS_PER_SEC),
                 wall_time_s=metrics.get(WALL_TIME_S),
+                metric=metric,
+                mode=mode,
+                metric_points=None if metric == EVAL_LOSS else history(metric),
             )
         )
     return sorted(records, key=lambda r: r.trial_id)
 
 
 def _read_tune_directory(path: Path) -> list[TrialRecord]:
+    summary = path / "sweep_summary.json"  # `raylora run` writes it: the sweep's metric and mode
+    written = json.loads(summary.read_text()) if summary.exists() else {}
+    metric, mode = written.get("metric", EVAL_LOSS), written.get("mode", "min")
+    statuses = {t["trial_id"]: t["status"] for t in written.get("trials", []) if "trial_id" in t}
     records = []
     for trial_dir in sorted(p for p in path.iterdir() if p.is_dir() and p.name.startswith("trial_")):
         results = (
@@ -227,11 +252,12 @@ def _read_tune_directory(path: Path) -> list[TrialRecord]:
         last = results[-1] if results else {}
         errored = (trial_dir / "error.txt").exists() or (trial_dir / "error.pkl").exists()
         train_time, tokens = last.get(TRAIN_TIME_S), last.get(TOKENS_SEEN)
+        trial_id = trial_dir.name.removeprefix("trial_")
         records.append(
             TrialRecord(
-                trial_id=trial_dir.name.removeprefix("trial_"),
+                trial_id=trial_id,
                 params=params,
-                status=_FAILED if errored else ("FINISHED" if results else "UNKNOWN"),
+                status=_FAILED if errored else statuses.get(trial_id, FINISHED if results else "UNKNOWN"),
                 name=trial_run_name({k: v for k, v in params.items() if k != ALPHA_RATIO_PARAM}),
                 train_loss=train_points,
                 eval_loss=eval_points,
@@ -239,6 +265,11 @@ def _read_tune_directory(path: Path) -> list[TrialRecord]:
                 peak_memory_gib=last.get(PEAK_MEMORY_GIB),
                 tokens_per_sec=tokens / train_time if tokens and train_time else last.get(TOKENS_PER_SEC),
                 wall_time_s=last.get(WALL_TIME_S),
+                metric=metric,
+                mode=mode,
+                metric_points=None
+                if metric == EVAL_LOSS
+                else [(int(r[STEP]), float(r[metric])) for r in results if metric in r],
             )
         )
     if not records:
@@ -311,9 +342,14 @@ def _setting_keys(records: list[TrialRecord]) -> list[str]:
 
 
 def _rank_key(record: TrialRecord) -> tuple[bool, bool, float]:
-    """Best first; trials without an eval loss, then failed trials, last."""
-    loss = record.best_eval_loss
-    return (record.failed, loss is None, loss if loss is not None else 0.0)
+    """Best first; trials without an eval, then failed trials, last."""
+    best = record.best
+    sign = 1 if record.mode == "min" else -1
+    return (record.failed, best is None, sign * best if best is not None else 0.0)
+
+
+def _best_label(records: list[TrialRecord]) -> str:
+    return records[0].best_name if records else f"{BEST_PREFIX}{EVAL_LOSS}"
 
 
 def _row(record: TrialRecord, keys: list[str]) -> dict[str, Any]:
@@ -321,7 +357,7 @@ def _row(record: TrialRecord, keys: list[str]) -> dict[str, Any]:
     row.update({k: record.params.get(k) for k in keys})
     row.update(
         {
-            BEST_EVAL_LOSS: record.best_eval_loss,
+            record.best_name: record.best,
             EVAL_LOSS: record.final_eval_loss,
             "status": record.status,
             "steps": record.steps,
@@ -406,7 +442,7 @@ def _plot_against(
 ) -> None:
     """Best eval loss against one setting; a categorical axis has one tick per value tried."""
     fig, ax = _figure()
-    points = [(_numeric(r.params.get(key)), r.best_eval_loss, r) for r in records]
+    points = [(_numeric(r.params.get(key)), r.best, r) for r in records]
     points = [(x, y, r) for x, y, r in points if x is not None and y is not None]
     values = sorted({x for x, _, _ in points})
     for x, y, r in points:
@@ -418,8 +454,8 @@ def _plot_against(
     elif log_x and points and all(x > 0 for x, _, _ in points):
         ax.set_xscale("log")
     ax.set_xlabel(label)
-    ax.set_ylabel(BEST_EVAL_LOSS)
-    ax.set_title(f"{BEST_EVAL_LOSS} against {label}" + ("" if points else f" (no trial has `{key}`)"))
+    ax.set_ylabel(_best_label(records))
+    ax.set_title(f"{_best_label(records)} against {label}" + ("" if points else f" (no trial has `{key}`)"))
     _save(fig, path)
 
 
@@ -434,16 +470,16 @@ def _plot_parallel(records: list[TrialRecord], keys: list[str], path: Path) -> N
 
     varying = [k for k in keys if len({json.dumps(r.params.get(k), default=str) for r in records}) > 1]
     fig, ax = _figure(10)
-    axes = [*varying, BEST_EVAL_LOSS]
+    axes = [*varying, _best_label(records)]
     positions: list[list[float | None]] = []
     for index, key in enumerate(axes):
-        values = [r.best_eval_loss if key == BEST_EVAL_LOSS else r.params.get(key) for r in records]
+        values = [r.best if key == _best_label(records) else r.params.get(key) for r in records]
         scaled, ticks = _axis(values, log=key == "lr")
         positions.append(scaled)
         for y, text in ticks:  # left of the axis, clear of the lines' markers
             ax.text(index - 0.04, y, text, fontsize=7, va="center", ha="right", color="0.25")
         ax.axvline(index, color="0.8", linewidth=1)
-    losses = [r.best_eval_loss if not r.failed else None for r in records]
+    losses = [r.best if not r.failed else None for r in records]
     finite = [v for v in losses if v is not None]
     norm = Normalize(min(finite), max(finite)) if finite else Normalize(0.0, 1.0)
     cmap = plt.get_cmap("viridis")
@@ -457,14 +493,14 @@ def _plot_parallel(records: list[TrialRecord], keys: list[str], path: Path) -> N
         ax.annotate(
             record.label, (len(axes) - 1, ys[-1]), fontsize=7, xytext=(40, 0), textcoords="offset points"
         )
-    if any(r.failed or r.best_eval_loss is None for r in records):
+    if any(r.failed or r.best is None for r in records):
         ax.text(len(axes) - 1, 1.08, " failed", fontsize=7, va="center", color="0.4")
     ax.set_xticks(range(len(axes)))
     ax.set_xticklabels(axes)
     ax.set_yticks([])
     ax.set_xlim(-0.45, len(axes) - 0.2)
     ax.set_ylim(-0.08, 1.15)
-    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=BEST_EVAL_LOSS, pad=0.12)
+    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=_best_label(records), pad=0.12)
     ax.set_title("parallel coordinates: the settings that vary, coloured by best eval loss (failed: grey)")
     _save(fig, path)
 
@@ -502,7 +538,7 @@ def _pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
 
 def _plot_pareto(records: list[TrialRecord], attribute: str, label: str, path: Path) -> None:
     fig, ax = _figure()
-    points = [(getattr(r, attribute), r.best_eval_loss, r) for r in records]
+    points = [(getattr(r, attribute), r.best, r) for r in records]
     points = [(c, y, r) for c, y, r in points if c is not None and y is not None]
     for cost, loss, record in points:
         _scatter(ax, cost, loss, record)
@@ -511,6 +547,6 @@ def _plot_pareto(records: list[TrialRecord], attribute: str, label: str, path: P
         ax.plot(*zip(*front, strict=True), color="C3", drawstyle="steps-post", label="Pareto front")
         ax.legend()
     ax.set_xlabel(f"{label} ({attribute})")
-    ax.set_ylabel(BEST_EVAL_LOSS)
-    ax.set_title(f"{BEST_EVAL_LOSS} against {label}")
+    ax.set_ylabel(_best_label(records))
+    ax.set_title(f"{_best_label(records)} against {label}")
     _save(fig, path)

@@ -2,29 +2,39 @@
 
 All logging happens in one process, the sweep's driver, through a Ray Tune callback (`MlflowTracker`):
 trials never open the tracking store themselves, so N concurrent trials don't fight over one sqlite file
-and a retried trial continues its own run. Calls go through `MlflowClient`; a tracking server that stops
-answering mid-sweep does not stop training: the failed calls are kept, retried on the next event and at
-the end, and whatever is still lost is counted in a tag on the parent run.
+and a retried trial continues its own run. Calls go through `MlflowClient`, on a thread of their own: a
+tracking server that is slow or stops answering never holds up training (MLflow's own retries take minutes);
+the calls wait, bounded, and are replayed in order once it answers, without duplicates; whatever is lost is
+said at the end and counted in a tag on the parent run.
 
 What a person sees is set up here too (MLflow 3.17's UI): trial runs named after their searched settings,
 one short param per setting, summaries logged once at step 0 (table columns and bar charts, not one-point
 lines), and shared views stored as experiment tags that the experiment's and each sweep run's descriptions
 link to (the runs table with the columns people compare, and a chart comparison of a sweep run's trials).
 
+Every trial's run ends with its outcome in the tag `raylora.status`, in the words of the trials table
+(`raylora.names`): FINISHED, STOPPED (ASHA) (both FINISHED in MLflow: complete trials), FAILED, or
+INTERRUPTED (KILLED in MLflow; `--resume` continues it). "Best" is `raylora.names.best_index` everywhere:
+a trial's `best_<metric>` and logged adapter are its best eval's; the registered adapter is the best trial's.
+
 Secrets never reach MLflow: values of config fields or environment variables whose names contain token,
 key, secret or password are replaced by `***` in params, tags and every logged config file (the rule
-lives in `raylora.redaction`).
+lives in `raylora.redaction`); the tracker keeps no secret value itself.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import math
 import os
-import shutil
+import sys
 import tempfile
+import threading
 import time
+import urllib.request
+import uuid
 import warnings
 from collections.abc import Callable
 from importlib import metadata
@@ -39,13 +49,18 @@ from raylora.names import (
     ADAPTER_RUN_CONFIG,
     ALPHA_RATIO_PARAM,
     BEST_PREFIX,
+    CHECKPOINT_STATE_FILE,
     EVAL_LOSS,
     EVAL_PERPLEXITY,
+    FAILED,
+    FINISHED,
     GRAD_NORM,
+    INTERRUPTED,
     LEARNING_RATE,
     NUM_NODES,
     PEAK_MEMORY_GIB,
     STEP,
+    STOPPED_EARLY,
     TOKENS_PER_SEC,
     TOKENS_SEEN,
     TOTAL_PARAMS,
@@ -59,11 +74,12 @@ from raylora.names import (
     WALL_TIME_S,
     WORKER_NODES,
     WORKERS_PARAM,
+    best_index,
     display_value,
     param_name,
     trial_run_name,
 )
-from raylora.redaction import REDACTED, redact, secret_values
+from raylora.redaction import REDACTED, redact
 from raylora.sweep import ALPHA_RATIO, Sweep
 
 __all__ = [
@@ -106,6 +122,12 @@ _TAG_SWEEP = "raylora.sweep"
 _TAG_SWEEP_RUN = "raylora.sweep_run"  # the parent's run name on each child: the trials view groups by it
 _TAG_SEARCHED = "raylora.searched"  # the param names of the searched settings, comma-separated
 _TAG_EXPERIMENT = "raylora.experiment_path"
+_TAG_STATUS = "raylora.status"  # a trial's outcome in the words of the trials table (`raylora.names`)
+_TAG_KEY = "raylora.run_key"  # a run's own key, so that a replayed create finds the run it made
+_TAG_BEST_VALUE = "raylora.best_value"  # a trial's best value of the sweep's metric, every digit
+_TAG_BEST_STEP = "raylora.best_step"  # and the step of that eval
+# N-worker trials: Ray Train's TuneReportCallback reports each checkpoint's path as this metric.
+_CHECKPOINT_PATH = "checkpoint_path"
 _TAG_NOTE = "mlflow.note.content"  # a run's or experiment's description, rendered as Markdown by the UI
 # MLflow 3.x's UI reads the experiment kind for its landing tab; `custom_model_development` is the value its own
 # kind selector writes for "Machine learning" (runs table, not the GenAI traces overview).
@@ -208,6 +230,179 @@ def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
         out[prefix] = text[:6000]  # MLflow's param value limit
 
 
+# ---- writing without waiting ------------------------------------------------------------------------------------
+
+# MLflow error codes that mean "the store is not answering now", not "this call is wrong": MLflow reports a
+# connection that failed through its own retries as INTERNAL_ERROR, a 5xx by its code.
+_UNAVAILABLE_CODES = {
+    "INTERNAL_ERROR",
+    "TEMPORARILY_UNAVAILABLE",
+    "REQUEST_LIMIT_EXCEEDED",
+    "DEADLINE_EXCEEDED",
+}
+_PAUSE_MAX_S = 30.0
+# A call in flight this long means the store is not answering: MLflow's client may go on retrying it for
+# minutes (its defaults) before it gives up, which is when the writer would otherwise first hear of it.
+_SLOW_S = 15.0
+# A call that fails this often while the store answers its health check is dropped: the call, not the store,
+# is at fault (a server-side error on one request would otherwise hold up every call behind it).
+_ATTEMPTS_WHILE_HEALTHY = 3
+
+
+class _Writer:
+    """MLflow calls on a thread of their own, in the order they were made: the sweep never waits for MLflow.
+
+    A call that fails because the store does not answer (a refused connection, a timeout, a 5xx: MLflow's
+    own retries, minutes long by default, run here, not in the Tune driver) stays at the head of the queue
+    and is tried again, after a pause that grows to 30 s, until it goes through: calls are replayed in
+    order once the store is back, and calls that are replayed are written so that a replay adds nothing
+    twice (metric points carry the time they were taken; runs are found again by a key of their own). A
+    call the store refuses (a bad value) is dropped, said and counted. The queue holds `capacity` calls;
+    beyond that new calls are dropped and counted (`lost`). `flush` waits for the queue to empty, up to a
+    deadline.
+    """
+
+    def __init__(self, tracking_uri: str, *, capacity: int) -> None:
+        self._uri = tracking_uri
+        self._capacity = capacity
+        self._queue: collections.deque[tuple[str, Callable[[], Any]]] = collections.deque()
+        self._cond = threading.Condition()
+        self._busy = False
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._down_since: float | None = None
+        self._in_flight: tuple[str, float] | None = None  # the call being made, since when
+        self.lost: list[str] = []  # what was dropped, for the parent run's tag and the end-of-sweep warning
+
+    def submit(self, what: str, call: Callable[[], Any]) -> None:
+        """Queue `call` (named `what` in warnings); never blocks."""
+        self._check_slow()
+        with self._cond:
+            if len(self._queue) >= self._capacity:
+                self.lost.append(what)
+                if len(self.lost) == 1:
+                    _warn(
+                        f"MLflow at {self._uri} is {len(self._queue)} calls behind; further calls are dropped "
+                        "until it catches up (training goes on)"
+                    )
+                return
+            self._queue.append((what, call))
+            if self._thread is None or not self._thread.is_alive():
+                self._closed = False
+                self._thread = threading.Thread(target=self._run, name="raylora-mlflow", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def flush(self, timeout_s: float) -> int:
+        """Wait until every queued call has gone through (or `timeout_s` passed); return how many remain."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while (self._queue or self._busy) and time.monotonic() < deadline:
+                self._cond.wait(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+                self._check_slow()
+            return len(self._queue)
+
+    def close(self) -> list[str]:
+        """Stop the thread; return what was still queued (lost with this process)."""
+        with self._cond:
+            self._closed = True
+            left = [what for what, _ in self._queue]
+            self._queue.clear()
+            self._cond.notify_all()
+        return left
+
+    def _run(self) -> None:
+        failures = 0
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                what, call = self._queue[0]
+                self._busy = True
+                self._in_flight = (what, time.monotonic())
+            try:
+                call()
+            except Exception as error:
+                failures += 1
+                self._in_flight = None
+                if _store_unavailable(error) and (failures < _ATTEMPTS_WHILE_HEALTHY or not self._healthy()):
+                    self._note_outage(what, _short_error(error))
+                    deadline = time.monotonic() + min(_PAUSE_MAX_S, 2.0 ** min(failures, 5))
+                    with self._cond:
+                        self._busy = False
+                        self._cond.notify_all()
+                        while not self._closed and time.monotonic() < deadline:
+                            self._cond.wait(timeout=deadline - time.monotonic())
+                    continue
+                _warn(
+                    f"MLflow at {self._uri} refused to {what} ({_short_error(error)}); that call is dropped"
+                )
+                self.lost.append(what)
+            else:
+                if self._down_since is not None:
+                    print(
+                        f"raylora: MLflow at {self._uri} answers again after {time.monotonic() - self._down_since:.0f} "
+                        f"s; replaying the {len(self._queue)} calls kept meanwhile, in order",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    self._down_since = None
+            failures = 0
+            with self._cond:
+                if self._queue and self._queue[0][1] is call:
+                    self._queue.popleft()
+                self._busy = False
+                self._in_flight = None
+                self._cond.notify_all()
+
+    def _check_slow(self) -> None:
+        """Called as calls come in: a call in flight for long says the store is down before MLflow gives up."""
+        in_flight = self._in_flight
+        if in_flight is not None and time.monotonic() - in_flight[1] > _SLOW_S:
+            self._note_outage(in_flight[0], f"no answer for {time.monotonic() - in_flight[1]:.0f} s")
+
+    def _note_outage(self, what: str, error: str) -> None:
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            _warn(
+                f"MLflow at {self._uri} does not answer ({error}) while trying to {what}; training goes on, "
+                f"and the {len(self._queue)} calls waiting (more as the sweep goes on) are kept and replayed "
+                "in order once it answers"
+            )
+
+    def _healthy(self) -> bool:
+        """Whether the store answers at all: a server's /health, or a local store's file being there."""
+        store = local_store_path(self._uri)
+        if store is not None:
+            return store.exists()
+        try:
+            with urllib.request.urlopen(f"{self._uri.rstrip('/')}/health", timeout=5) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+
+def _store_unavailable(error: Exception) -> bool:
+    """Whether `error` says the store is not answering (retry the call later) rather than refusing the call."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(error, MlflowException):
+        return error.error_code in _UNAVAILABLE_CODES
+    # A connection or a file that failed (requests' errors are OSErrors), a sqlite store locked by another writer.
+    return isinstance(error, OSError) or type(error).__name__ in ("OperationalError", "TimeoutError")
+
+
+def _short_error(error: Exception) -> str:
+    text = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {text[:300]}"
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, UserWarning, stacklevel=3)
+
+
 # ---- the driver-side logger ---------------------------------------------------------------------------------
 
 
@@ -220,61 +415,63 @@ class MlflowTracker(tune.Callback):
     searched settings (`r16-a32-lr2.2e-4-all-linear`) and logs one short param per setting (`raylora.names`),
     per-step curves, and its summaries once.
 
+    The Tune hooks only queue MLflow calls; a thread of their own makes them (`_Writer`), so a slow or
+    unreachable store never holds up a trial's report. `run_sweep` gives the tracker to Tune on every call
+    (a resumed sweep logs where this tracker points), tells `setup` whether the sweep resumes (then the
+    newest sweep run of this storage path is continued) and `on_experiment_end` whether a signal
+    interrupted it (then runs end KILLED and nothing is registered).
+
     Args:
         sweep: the sweep being run (its definition goes onto the parent run).
         tracking_uri: MLflow tracking URI; default `resolve_tracking_uri()`.
         experiment_path: where Ray Tune stores the sweep; tags the parent so `--resume` finds it again.
+        flush_timeout_s: how long the end of the sweep waits for queued calls (a store that is down); what
+            is still queued then is lost, and said.
+        capacity: queued calls at most; beyond that, calls are dropped and counted.
     """
 
-    def __init__(self, sweep: Sweep, *, tracking_uri: str | None = None, experiment_path: str = "") -> None:
+    def __init__(
+        self,
+        sweep: Sweep,
+        *,
+        tracking_uri: str | None = None,
+        experiment_path: str = "",
+        flush_timeout_s: float = 300.0,
+        capacity: int = 100_000,
+    ) -> None:
         from mlflow.tracking import MlflowClient
 
         self.sweep = sweep
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
         self.experiment_path = experiment_path
+        self.flush_timeout_s = flush_timeout_s
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
+        self.best_metric = f"{BEST_PREFIX}{sweep.metric}"
+        self._capacity = capacity
+        self._writer = _Writer(self.tracking_uri, capacity=capacity)
+        # Set by the writer thread, as the store answers.
         self.parent_run_id: str | None = None
         self.parent_run_name: str | None = None
         self.experiment_id: str | None = None
         self.trial_runs: dict[str, str] = {}
         self.run_names: dict[str, str] = {}
-        self.best_metric = f"{BEST_PREFIX}{sweep.metric}"
-        self._last: dict[str, dict[str, Any]] = {}
-        self._best: dict[str, float] = {}
-        self._best_checkpoint: dict[str, tuple[float, str]] = {}
-        self._configs: dict[str, FinetuneConfig] = {}
-        self._pending: list[tuple[str, Callable[[], Any]]] = []
-        self._lost = 0
-        self._warned = False
-        self._secrets = secret_values()
+        self._open: set[str] = set()  # trials whose run is RUNNING
         self._resolved_logged: set[str] = set()
-        self._failed: set[str] = set()
+        # Kept by the Tune hooks (the driver's thread); the writer's calls get copies.
+        self._last: dict[str, dict[str, Any]] = {}
+        self._best: dict[str, tuple[float, int]] = {}  # trial -> (best value, its step)
+        self._best_checkpoint: dict[str, tuple[float, int, Any]] = {}  # trial -> (value, step, Checkpoint)
+        self._configs: dict[str, FinetuneConfig] = {}
+        # Set by the writer: a resumed trial's best eval before the resume, from its run's tags.
+        self._prior_best: dict[str, tuple[float, int]] = {}
 
-    # -- resilience: a failed call is kept and retried, never raised into the sweep --
+    def _submit(self, what: str, call: Callable[[], Any]) -> None:
+        self._writer.submit(what, call)
 
-    def _call(self, what: str, fn: Callable[[], Any]) -> Any:
-        self._retry_pending()
-        try:
-            return fn()
-        except Exception as error:  # an unreachable server must not stop training
-            self._pending.append((what, fn))
-            if not self._warned:
-                warnings.warn(
-                    f"MLflow at {self.tracking_uri} failed ({type(error).__name__}: {error}); training goes on, "
-                    "and the failed calls are retried",
-                    stacklevel=2,
-                )
-                self._warned = True
-            return None
-
-    def _retry_pending(self) -> None:
-        pending, self._pending = self._pending, []
-        for index, (_what, fn) in enumerate(pending):
-            try:
-                fn()
-            except Exception:
-                self._pending.extend(pending[index:])
-                return
+    @property
+    def lost_calls(self) -> list[str]:
+        """MLflow calls that never went through (dropped, or still queued when the sweep ended)."""
+        return list(self._writer.lost)
 
     # -- names and views --
 
@@ -416,20 +613,28 @@ class MlflowTracker(tune.Callback):
             f"{_VIEW_TAG_PREFIX}{TRIALS_VIEW}": json.dumps(self.trials_view()),
         }
         for key, value in tags.items():
-            self._call(
-                "tag experiment",
-                lambda k=key, v=value: self.client.set_experiment_tag(self.experiment_id, k, v),
-            )
+            self.client.set_experiment_tag(self.experiment_id, key, value)
 
     # -- the parent run --
 
-    def setup(self, **info: Any) -> None:
+    def setup(self, resume: bool = False, **info: Any) -> None:
+        self._writer = _Writer(self.tracking_uri, capacity=self._capacity)
+        self._submit("open the sweep run", lambda: self._open_sweep_run(resume))
+
+    def _open_sweep_run(self, resume: bool) -> None:
         experiment = self.client.get_experiment_by_name(self.sweep.name)
         self.experiment_id = (
             experiment.experiment_id if experiment else self.client.create_experiment(self.sweep.name)
         )
         self._set_experiment_presentation()
-        existing = self._find_parent()
+        existing = self._find_parent() if resume else None
+        if resume and existing is None:
+            print(
+                f"raylora: no sweep run of {self.experiment_path} in {self.tracking_uri}: the resumed sweep logs "
+                "to a new one",
+                file=sys.stderr,
+                flush=True,
+            )
         if existing is not None:
             self.parent_run_id = existing
             self.parent_run_name = self.client.get_run(existing).info.run_name
@@ -439,37 +644,56 @@ class MlflowTracker(tune.Callback):
                 max_results=10000,
             ):
                 trial_id = run.data.tags.get(_TAG_TRIAL)
-                if trial_id:
+                if trial_id and trial_id not in self.trial_runs:
                     self.trial_runs[trial_id] = run.info.run_id
                     self.run_names[trial_id] = run.info.run_name
             self.client.update_run(existing, status="RUNNING")
+            self.client.set_tag(existing, _TAG_STATUS, "RUNNING")
             return
         self.parent_run_name = f"{self.sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        run = self.client.create_run(
-            self.experiment_id,
+        self.parent_run_id = self._create_once(
             run_name=self.parent_run_name,
-            tags={_TAG_SWEEP: self.sweep.name, _TAG_EXPERIMENT: self.experiment_path},
+            tags={_TAG_SWEEP: self.sweep.name, _TAG_EXPERIMENT: self.experiment_path, _TAG_STATUS: "RUNNING"},
         )
-        self.parent_run_id = run.info.run_id
-        self._call(
-            "describe sweep run",
-            lambda: self.client.set_tag(self.parent_run_id, _TAG_NOTE, self._parent_description()),
-        )
-        view = json.dumps(self.compare_view())
-        self._call(
-            "compare view",
-            lambda: self.client.set_experiment_tag(
-                self.experiment_id, f"{_VIEW_TAG_PREFIX}{self.compare_view_key()}", view
-            ),
+        self.client.set_tag(self.parent_run_id, _TAG_NOTE, self._parent_description())
+        self.client.set_experiment_tag(
+            self.experiment_id,
+            f"{_VIEW_TAG_PREFIX}{self.compare_view_key()}",
+            json.dumps(self.compare_view()),
         )
         self._log_sweep_definition()
 
+    def _create_once(self, *, run_name: str, tags: dict[str, str]) -> str:
+        """Create a run exactly once, however often this call is replayed.
+
+        MLflow's client retries a request whose answer was lost (and this tracker replays a call that
+        failed): the store may then hold the run already, or twice. A key of this run's own, set as a tag,
+        finds it: the first run with the key is kept, any other deleted.
+        """
+        key = tags.setdefault(_TAG_KEY, uuid.uuid4().hex)
+        found = self._runs_with_key(key)
+        if not found:
+            self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
+            found = self._runs_with_key(key)
+        keep, *duplicates = found
+        for run in duplicates:
+            self.client.delete_run(run.info.run_id)
+        return keep.info.run_id
+
+    def _runs_with_key(self, key: str) -> list:
+        runs = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`{_TAG_KEY}` = '{key}'", max_results=10
+        )
+        return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
+
     def _find_parent(self) -> str | None:
+        """The newest sweep run of this storage path: the one `--resume` continues."""
         if not self.experiment_path:
             return None
         runs = self.client.search_runs(
             [self.experiment_id],
             filter_string=f"tags.`{_TAG_EXPERIMENT}` = '{self.experiment_path}' and tags.`{_TAG_SWEEP}` = '{self.sweep.name}'",
+            order_by=["attributes.start_time DESC"],
             max_results=1,
         )
         return runs[0].info.run_id if runs else None
@@ -496,25 +720,17 @@ class MlflowTracker(tune.Callback):
         space = {k: _describe_domain(v) for k, v in sweep.search_space.items()}
         versions = {package: _version(package) for package in _PACKAGES}
         params: dict[str, str] = {}
-        _flatten("sweep", redact(definition, secrets=self._secrets), params)
-        params["search_space"] = json.dumps(redact(space, secrets=self._secrets), default=str)[:6000]
+        _flatten("sweep", redact(definition), params)
+        params["search_space"] = json.dumps(redact(space), default=str)[:6000]
         params["base_model"] = sweep.base.model.name_or_path
         params["base_model_revision"] = _model_revision(sweep.base)
         params["dataset_fingerprint"] = _dataset_fingerprint(sweep.base)
         params.update({f"version.{package}": v for package, v in versions.items()})
-        self._call(
-            "log sweep params",
-            lambda: self.client.log_batch(
-                self.parent_run_id, params=[Param(k, v) for k, v in params.items()]
-            ),
-        )
+        self.client.log_batch(self.parent_run_id, params=[Param(k, v) for k, v in params.items()])
         payload = redact(
-            {"sweep": definition, "base": sweep.base.to_dict(), "search_space": space, "versions": versions},
-            secrets=self._secrets,
+            {"sweep": definition, "base": sweep.base.to_dict(), "search_space": space, "versions": versions}
         )
-        self._call(
-            "log sweep definition", lambda: self.client.log_dict(self.parent_run_id, payload, "sweep.json")
-        )
+        self.client.log_dict(self.parent_run_id, payload, "sweep.json")
 
     # -- child runs --
 
@@ -528,59 +744,66 @@ class MlflowTracker(tune.Callback):
             unique, n = f"{name}-{n}", n + 1
         return unique
 
-    def _trial_run(self, trial) -> str | None:
-        run_id = self.trial_runs.get(trial.trial_id)
-        if run_id is not None:
-            if trial.trial_id not in self._configs:  # a run from before a resume
-                self._configs[trial.trial_id] = self.sweep.trial_config(dict(trial.config))
-            return run_id
-        config = self.sweep.trial_config(dict(trial.config))
-        name = self._run_name(config, trial.trial_id)
-        run = self._call(
-            "create trial run",
-            lambda: self.client.create_run(
-                self.experiment_id,
-                run_name=name,
-                tags={
-                    "mlflow.parentRunId": self.parent_run_id,
-                    _TAG_TRIAL: trial.trial_id,
-                    _TAG_SWEEP: self.sweep.name,
-                    _TAG_SWEEP_RUN: self.parent_run_name or "",
-                    _TAG_SEARCHED: ",".join(self._searched_params()),
-                },
-            ),
-        )
-        if run is None:
-            return None
-        run_id = run.info.run_id
-        self.trial_runs[trial.trial_id] = run_id
-        self.run_names[trial.trial_id] = name
-        self._configs[trial.trial_id] = config
-        self._log_trial_params(run_id, trial, config)
-        return run_id
+    def _trial_config(self, trial) -> FinetuneConfig:
+        config = self._configs.get(trial.trial_id)
+        if config is None:
+            config = self._configs[trial.trial_id] = self.sweep.trial_config(dict(trial.config))
+        return config
 
-    def _trial_params(self, trial, config: FinetuneConfig) -> dict[str, str]:
+    def _open_trial(self, trial) -> None:
+        """Queue: the trial's run, created once, or continued (RUNNING again) when it already exists."""
+        config = self._trial_config(trial)
+        trial_id, searched = trial.trial_id, dict(trial.config)
+        self._submit("open a trial run", lambda: self._open_trial_run(trial_id, config, searched))
+
+    def _open_trial_run(self, trial_id: str, config: FinetuneConfig, searched: dict[str, Any]) -> None:
+        if self.parent_run_id is None:
+            return  # the sweep run could not be created: nothing to hang trials on
+        run_id = self.trial_runs.get(trial_id)
+        if run_id is not None:  # a retried or resumed trial continues its own run
+            if trial_id not in self._open:
+                tags = self.client.get_run(run_id).data.tags
+                if _TAG_BEST_VALUE in tags and trial_id not in self._prior_best:  # its evals before a resume
+                    self._prior_best[trial_id] = (float(tags[_TAG_BEST_VALUE]), int(tags[_TAG_BEST_STEP]))
+                self.client.update_run(run_id, status="RUNNING")
+                self.client.set_tag(run_id, _TAG_STATUS, "RUNNING")
+                self._open.add(trial_id)
+            return
+        name = self._run_name(config, trial_id)
+        self.run_names[trial_id] = name
+        self.trial_runs[trial_id] = self._create_once(
+            run_name=name,
+            tags={
+                "mlflow.parentRunId": self.parent_run_id,
+                _TAG_TRIAL: trial_id,
+                _TAG_SWEEP: self.sweep.name,
+                _TAG_SWEEP_RUN: self.parent_run_name or "",
+                _TAG_SEARCHED: ",".join(self._searched_params()),
+                _TAG_STATUS: "RUNNING",
+            },
+        )
+        self._open.add(trial_id)
+        self._log_trial_params(trial_id, config, searched)
+
+    def _trial_params(self, searched: dict[str, Any], config: FinetuneConfig) -> dict[str, str]:
         """One short name per setting (`raylora.names.TRIAL_PARAMS`), rounded for display; searched extras too."""
         params = {name: _field(config, f) for f, name in TRIAL_PARAMS.items()}
         params[WORKERS_PARAM] = self.sweep.resources.workers
         for field in self.sweep.search_space:
             name = param_name(field)
             if name not in params:
-                params[name] = trial.config.get(field) if field == ALPHA_RATIO else _field(config, field)
-        return {k: display_value(v)[:6000] for k, v in redact(params, secrets=self._secrets).items()}
+                params[name] = searched.get(field) if field == ALPHA_RATIO else _field(config, field)
+        return {k: display_value(v)[:6000] for k, v in redact(params).items()}
 
-    def _log_trial_params(self, run_id: str, trial, config: FinetuneConfig) -> None:
+    def _log_trial_params(self, trial_id: str, config: FinetuneConfig, searched: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        flat = self._trial_params(trial, config)
-        self._call(
-            "log trial params",
-            lambda: self.client.log_batch(run_id, params=[Param(k, v) for k, v in flat.items()]),
-        )
-        self._log_trial_config(run_id, trial.trial_id, config, dict(trial.config))
+        flat = self._trial_params(searched, config)
+        self.client.log_batch(self.trial_runs[trial_id], params=[Param(k, v) for k, v in flat.items()])
+        self._log_trial_config(trial_id, config, searched)
 
     def _log_trial_config(
-        self, run_id: str, trial_id: str, config: FinetuneConfig, searched: dict, resolved: list | None = None
+        self, trial_id: str, config: FinetuneConfig, searched: dict, resolved: list | None = None
     ) -> None:
         """The full resolved config, searched values at full precision and resolved modules, as one JSON file."""
         payload = redact(
@@ -590,30 +813,43 @@ class MlflowTracker(tune.Callback):
                 "searched": searched,
                 "config": config.to_dict(),
                 "resolved_target_modules": resolved,
-            },
-            secrets=self._secrets,
+            }
         )
-        self._call("log trial config", lambda: self.client.log_dict(run_id, payload, TRIAL_CONFIG_ARTIFACT))
+        self.client.log_dict(self.trial_runs[trial_id], payload, TRIAL_CONFIG_ARTIFACT)
+
+    def _in_run(self, trial_id: str, call: Callable[[str], Any]) -> Callable[[], Any]:
+        """A call on the trial's run, whenever the writer gets to it (skipped if the run never came to be)."""
+
+        def on_run() -> None:
+            run_id = self.trial_runs.get(trial_id)
+            if run_id is not None:
+                call(run_id)
+
+        return on_run
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info: Any) -> None:
-        self._trial_run(trial)
+        self._open_trial(trial)
 
     def on_trial_restore(self, iteration: int, trials: list, trial, **info: Any) -> None:
-        self._trial_run(trial)
+        self._open_trial(trial)
 
     def on_trial_recover(self, iteration: int, trials: list, trial, **info: Any) -> None:
-        run_id = self._trial_run(trial)
-        if run_id:
-            retries = trial.run_metadata.num_failures if hasattr(trial, "run_metadata") else 0
-            self._call("tag retry", lambda: self.client.set_tag(run_id, "raylora.retries", str(retries)))
+        retries = str(trial.run_metadata.num_failures) if hasattr(trial, "run_metadata") else "0"
+        self._submit(
+            "tag a retry",
+            self._in_run(
+                trial.trial_id, lambda run_id: self.client.set_tag(run_id, "raylora.retries", retries)
+            ),
+        )
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info: Any) -> None:
         from mlflow.entities import Metric
 
-        run_id = self._trial_run(trial)
-        if run_id is None:
-            return
-        now = int(time.time() * 1000)
+        if trial.trial_id not in self._configs:
+            self._open_trial(trial)  # a result before any start event (a restored trial)
+        now = int(
+            time.time() * 1000
+        )  # fixed now: a replayed call logs the very same points, which MLflow skips
         points: list[Metric] = []
         for record in [*result.get(TRAIN_HISTORY, []), result]:
             step = int(record.get(STEP, 0))
@@ -621,152 +857,251 @@ class MlflowTracker(tune.Callback):
                 value = record.get(key)
                 if isinstance(value, int | float):
                     points.append(Metric(key, float(value), now, step))
-        self._call("log metrics", lambda: self.client.log_batch(run_id, metrics=points))
-        self._last[trial.trial_id] = result
-        value = result.get(self.sweep.metric)
-        if isinstance(value, int | float) and math.isfinite(value):
-            best = self._best.get(trial.trial_id)
-            if best is None or (value < best if self.sweep.mode == "min" else value > best):
-                self._best[trial.trial_id] = float(value)
-        if result.get("checkpoint_path"):  # N-worker trials: the TorchTrainer's own storage
-            self._note_checkpoint(trial, str(result["checkpoint_path"]), result)
+        self._submit(
+            "log metrics",
+            self._in_run(trial.trial_id, lambda run_id: self.client.log_batch(run_id, metrics=points)),
+        )
+        self._last[trial.trial_id] = {k: v for k, v in result.items() if k != TRAIN_HISTORY}
+        value, step = result.get(self.sweep.metric), int(result.get(STEP, 0))
+        best = self._best.get(trial.trial_id)
+        if best_index([best[0] if best else None, value], self.sweep.mode) == 1:
+            self._best[trial.trial_id] = (float(value), step)
+        if result.get(_CHECKPOINT_PATH):  # N-worker trials: the TorchTrainer's own storage
+            self._note_checkpoint(trial, self._storage_checkpoint(str(result[_CHECKPOINT_PATH])), result)
 
     def on_checkpoint(self, iteration: int, trials: list, trial, checkpoint, **info: Any) -> None:
-        latest = trial.latest_checkpoint_result
-        metrics = latest.metrics if latest is not None else self._last.get(trial.trial_id, {})
-        self._note_checkpoint(trial, checkpoint.path, metrics)
+        # The result this checkpoint came with is the trial's last: Tune saves a reported checkpoint before it
+        # asks the trial for more, and calls this before the trial's own record of it
+        # (`trial.latest_checkpoint_result`) moves on, which is still the previous checkpoint's here.
+        self._note_checkpoint(trial, checkpoint, self._last.get(trial.trial_id, {}))
 
-    def _note_checkpoint(self, trial, path: str, metrics: dict) -> None:
-        """Remember the trial's best checkpoint (its adapter is logged when the trial ends)."""
-        metric = metrics.get(self.sweep.metric)
-        if isinstance(metric, int | float):
-            best = self._best_checkpoint.get(trial.trial_id)
-            if best is None or (metric < best[0] if self.sweep.mode == "min" else metric > best[0]):
-                self._best_checkpoint[trial.trial_id] = (float(metric), path)
-        run_id = self.trial_runs.get(trial.trial_id)
-        if run_id and trial.trial_id not in self._resolved_logged:
-            self._log_resolved_targets(run_id, trial, path)
+    def _storage_checkpoint(self, path: str):
+        """A checkpoint an N-worker trial reported by path: on the sweep's storage, whose scheme Ray drops."""
+        from ray.tune import Checkpoint
 
-    def _log_resolved_targets(self, run_id: str, trial, checkpoint: str) -> None:
-        run_config = Path(checkpoint) / ADAPTER_RUN_CONFIG
-        if run_config.exists():
-            resolved = json.loads(run_config.read_text()).get("resolved_target_modules", [])
-            config = self._configs.get(trial.trial_id) or self.sweep.trial_config(dict(trial.config))
-            self._log_trial_config(run_id, trial.trial_id, config, dict(trial.config), resolved)
+        if "://" in self.experiment_path:
+            import pyarrow.fs
+
+            filesystem, _ = pyarrow.fs.FileSystem.from_uri(self.experiment_path)
+            return Checkpoint(path, filesystem=filesystem)
+        return Checkpoint(path)
+
+    def _note_checkpoint(self, trial, checkpoint, metrics: dict) -> None:
+        """Remember the trial's best checkpoint (`best_index`: its adapter is logged when the trial ends)."""
+        value, step = metrics.get(self.sweep.metric), int(metrics.get(STEP, 0))
+        best = self._best_checkpoint.get(trial.trial_id)
+        if best_index([best[0] if best else None, value], self.sweep.mode) == 1:
+            self._best_checkpoint[trial.trial_id] = (float(value), step, checkpoint)
+        if trial.trial_id not in self._resolved_logged:
             self._resolved_logged.add(trial.trial_id)
+            config, searched = self._trial_config(trial), dict(trial.config)
+            self._submit(
+                "log resolved target modules",
+                self._in_run(
+                    trial.trial_id,
+                    lambda _run_id: self._log_trial_config(
+                        trial.trial_id, config, searched, _resolved_targets(checkpoint)
+                    ),
+                ),
+            )
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info: Any) -> None:
         last = self._last.get(trial.trial_id, {})
-        finished = int(last.get(STEP, 0)) >= self.sweep.base.training.max_steps
-        # A trial that ended before max_steps without an error was stopped by the scheduler (ASHA).
-        self._end_trial(
-            trial,
-            "FINISHED" if finished else "KILLED",
-            None if finished else "stopped early by the scheduler",
-        )
+        step = int(last.get(STEP, 0))
+        if step >= self.sweep.base.training.max_steps:
+            self._end_trial(trial, FINISHED, None)
+        else:
+            # A trial that ended before max_steps without an error was stopped by the scheduler (ASHA): a
+            # complete trial (its run FINISHED), whose best checkpoint is as usable as any other.
+            reason = (
+                f"stopped at step {step} of {self.sweep.base.training.max_steps} by ASHA: its {self.sweep.metric} "
+                "was behind the other trials' at that rung"
+            )
+            self._end_trial(trial, STOPPED_EARLY, reason)
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
-        self._failed.add(trial.trial_id)
-        reason = _error_text(trial)
-        self._end_trial(trial, "FAILED", reason)
+        self._end_trial(trial, FAILED, None, error_of=trial)
 
     def _summary(self, trial_id: str) -> dict[str, float]:
-        """The trial's one-value metrics: its best metric, size, memory, throughput and time."""
+        """The trial's one-value metrics: size, memory, throughput and time (its best metric: `_end_trial`)."""
         last = self._last.get(trial_id, {})
         summary = {k: float(last[k]) for k in _SUMMARY_METRICS if isinstance(last.get(k), int | float)}
         train_time = last.get(TRAIN_TIME_S)
         if isinstance(train_time, int | float) and train_time > 0 and TOKENS_SEEN in summary:
             # The whole trial's rate (tokens over time in optimizer steps), not the last log window's.
             summary[TOKENS_PER_SEC] = summary[TOKENS_SEEN] / float(train_time)
-        if trial_id in self._best:
-            summary[self.best_metric] = self._best[trial_id]
         return {k: _rounded(k, v, self.best_metric) for k, v in summary.items()}
 
-    def _end_trial(self, trial, status: str, reason: str | None) -> None:
+    def _end_trial(self, trial, status: str, reason: str | None, *, error_of=None) -> None:
+        """Queue the trial's summaries, its best adapter and the end of its run, as `status` says."""
         from mlflow.entities import Metric, RunTag
 
-        run_id = self._trial_run(trial)
-        if run_id is None:
-            return
-        last = self._last.get(trial.trial_id, {})
+        trial_id = trial.trial_id
+        last = self._last.get(trial_id, {})
         now = int(time.time() * 1000)
-        summary = [Metric(k, v, now, 0) for k, v in self._summary(trial.trial_id).items()]
-        tags = [RunTag("raylora.status", status)]
+        summary = [Metric(k, v, now, 0) for k, v in self._summary(trial_id).items()]
+        tags = [RunTag(_TAG_STATUS, status)]
         if last.get(WORKER_NODES):
             tags.append(RunTag("raylora.worker_nodes", str(last[WORKER_NODES])))
         if isinstance(last.get(NUM_NODES), int | float):
             tags.append(RunTag("raylora.num_nodes", str(int(last[NUM_NODES]))))
-        if reason:
-            tags.append(RunTag("raylora.reason", redact(reason, secrets=self._secrets)[:5000]))
-        self._call("log summary", lambda: self.client.log_batch(run_id, metrics=summary, tags=tags))
-        best = self._best_checkpoint.get(trial.trial_id)
-        if best is not None:
-            self._log_adapter(run_id, best[1])
-        self._call("end trial run", lambda: self.client.set_terminated(run_id, status=status))
+        scored = self._best.get(trial_id)
+        checkpoint = self._best_checkpoint.get(trial_id)
+        run_status = _RUN_STATUS[status]
 
-    def _log_adapter(self, run_id: str, checkpoint: str) -> None:
-        """Log the adapter only (weights, adapter config, tokenizer, resolved config), never the base or optimizer."""
-        source = Path(checkpoint)
-        if not source.is_dir():
-            return
+        def end(run_id: str) -> None:
+            text = _trial_error(error_of) if error_of is not None else reason
+            extra = [RunTag("raylora.reason", redact(text)[:5000])] if text else []
+            # The trial's best eval over all its evals: those before a --resume too (`best_index`; a tie
+            # keeps the earlier one). Its full value in a tag: the sweep's best is chosen on it, unrounded.
+            candidates = [self._prior_best.get(trial_id), scored]
+            index = best_index([c[0] if c else None for c in candidates], self.sweep.mode)
+            best = candidates[index] if index is not None else None
+            metrics = list(summary)
+            if best is not None:
+                metrics.append(
+                    Metric(self.best_metric, _rounded(self.best_metric, best[0], self.best_metric), now, 0)
+                )
+                extra += [RunTag(_TAG_BEST_VALUE, repr(best[0])), RunTag(_TAG_BEST_STEP, str(best[1]))]
+            self.client.log_batch(run_id, metrics=metrics, tags=tags + extra)
+            # Its adapter: the best eval's checkpoint, when this run of the trial reached it (one from before
+            # a resume was logged then).
+            if checkpoint is not None and best is not None and checkpoint[1] == best[1]:
+                self._log_adapter(run_id, checkpoint[2])
+            self.client.set_terminated(run_id, status=run_status)
+            self._open.discard(trial_id)
+
+        self._submit(f"end the run of trial {trial_id}", self._in_run(trial_id, end))
+
+    def _log_adapter(self, run_id: str, checkpoint) -> None:
+        """Log the adapter only (weights, adapter config, tokenizer, resolved config), never the base or optimizer.
+
+        Read through the checkpoint's own filesystem (Ray's `Checkpoint`): on object storage Ray gives paths
+        without their scheme, which no local path check would find.
+        """
         with tempfile.TemporaryDirectory(prefix="raylora-adapter-") as tmp:
             staged = Path(tmp) / "adapter"
-            staged.mkdir()
-            for file in source.iterdir():
-                if file.is_file() and file.name != "trainer_state.pt":
-                    if file.name == ADAPTER_RUN_CONFIG:
-                        content = redact(json.loads(file.read_text()), secrets=self._secrets)
-                        (staged / file.name).write_text(json.dumps(content, indent=2))
-                    else:
-                        shutil.copy2(file, staged / file.name)
-            self._call("log adapter", lambda: self.client.log_artifacts(run_id, str(staged), "adapter"))
+            if not _copy_adapter_files(checkpoint, staged):
+                _warn(f"checkpoint {checkpoint.path} holds no adapter; none is logged to run {run_id}")
+                return
+            run_config = staged / ADAPTER_RUN_CONFIG
+            if run_config.exists():
+                run_config.write_text(json.dumps(redact(json.loads(run_config.read_text())), indent=2))
+            self.client.log_artifacts(run_id, str(staged), "adapter")
 
-    def on_experiment_end(self, trials: list, **info: Any) -> None:
+    def on_experiment_end(
+        self, trials: list, interrupted: str | None = None, unfinished: set[str] | None = None, **info: Any
+    ) -> None:
+        """End every run: FINISHED and the best adapter registered, or, interrupted, KILLED and nothing registered.
+
+        Waits for the queued calls (up to `flush_timeout_s`; less when interrupted, so that a job's stop
+        grace period is kept): a store that is down then loses them, and says so.
+        """
+        for trial in trials:  # runs of trials that never ended stay open: end them with the sweep
+            if trial.trial_id in (unfinished or set()) or trial.status not in ("TERMINATED", "ERROR"):
+                status = INTERRUPTED if interrupted else FAILED
+                why = (
+                    f"the sweep was interrupted ({interrupted}); `raylora run <sweep file> --resume` continues it"
+                    if interrupted
+                    else f"the sweep ended with the trial {trial.status}"
+                )
+                self._end_trial(trial, status, why)
+        self._submit("end the sweep run", lambda: self._end_sweep_run(interrupted))
+        left = self._writer.flush(min(self.flush_timeout_s, 20.0) if interrupted else self.flush_timeout_s)
+        lost = self._writer.lost + self._writer.close()
+        if lost or left:
+            _warn(
+                f"{len(lost)} MLflow call(s) to {self.tracking_uri} never went through ({', '.join(sorted(set(lost)))}): "
+                "the sweep's runs there are incomplete; its results in storage are whole"
+            )
+
+    def _end_sweep_run(self, interrupted: str | None) -> None:
         from mlflow.entities import Metric, RunTag
 
-        for trial in trials:  # no child run may stay RUNNING after the sweep
-            run_id = self.trial_runs.get(trial.trial_id)
-            if run_id is None:
-                continue
-            status = self._call("read run", lambda r=run_id: self.client.get_run(r).info.status)
-            if status == "RUNNING":
-                self._end_trial(trial, "KILLED", f"sweep ended with the trial {trial.status}")
-        best = self._best_trial()
-        tags = [RunTag(_TAG_NOTE, self._parent_description(best))]
-        metrics = []
-        if best is not None:
-            trial_id, value = best
+        if self.parent_run_id is None:
+            return
+        for trial_id in list(self._open):  # what the per-trial ends did not close
+            self.client.set_terminated(
+                self.trial_runs[trial_id], status="KILLED" if interrupted else "FAILED"
+            )
+            self._open.discard(trial_id)
+        # Runs left RUNNING by an earlier driver that was killed outright (no signal to handle), whose trials
+        # did not run again after the resume.
+        for run in self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_run_id}' and attributes.status = 'RUNNING'",
+            max_results=10000,
+        ):
+            self.client.set_tag(
+                run.info.run_id, "raylora.reason", "its sweep's driver was killed before it ended this run"
+            )
+            self.client.set_terminated(run.info.run_id, status="KILLED")
+        tags: list[RunTag] = []
+        metrics: list[Metric] = []
+        if interrupted:
             tags += [
-                RunTag("raylora.best_trial_id", trial_id),
-                RunTag("raylora.best_run_id", self.trial_runs.get(trial_id, "")),
-                RunTag("raylora.best_run_name", self.run_names.get(trial_id, "")),
+                RunTag(_TAG_STATUS, INTERRUPTED),
+                RunTag(
+                    "raylora.reason",
+                    f"interrupted by {interrupted}; `raylora run <sweep file> --resume` continues this run",
+                ),
             ]
-            metrics.append(Metric(self.best_metric, round(value, _BEST_DIGITS), int(time.time() * 1000), 0))
-            self._register_best(trial_id, value)
-        self._retry_pending()
-        if self._pending:
-            self._lost = len(self._pending)
-            tags.append(RunTag("raylora.mlflow_calls_lost", str(self._lost)))
-        self._call("tag best", lambda: self.client.log_batch(self.parent_run_id, metrics=metrics, tags=tags))
-        self._call("end sweep run", lambda: self.client.set_terminated(self.parent_run_id, status="FINISHED"))
+        else:
+            best = self._best_trial()
+            tags += [RunTag(_TAG_NOTE, self._parent_description(best)), RunTag(_TAG_STATUS, FINISHED)]
+            if best is not None:
+                trial_id, value = best
+                tags += [
+                    RunTag("raylora.best_trial_id", trial_id),
+                    RunTag("raylora.best_run_id", self.trial_runs.get(trial_id, "")),
+                    RunTag("raylora.best_run_name", self.run_names.get(trial_id, "")),
+                ]
+                metrics.append(
+                    Metric(self.best_metric, round(value, _BEST_DIGITS), int(time.time() * 1000), 0)
+                )
+                self._register_best(trial_id, value)
+        if self._writer.lost:
+            tags.append(RunTag("raylora.mlflow_calls_lost", str(len(self._writer.lost))))
+        self.client.log_batch(self.parent_run_id, metrics=metrics, tags=tags)
+        self.client.set_terminated(self.parent_run_id, status="KILLED" if interrupted else "FINISHED")
 
     def _best_trial(self) -> tuple[str, float] | None:
-        """The trial with the best value of the sweep's metric over its evals, among those that did not fail.
-
-        The same value the trial's `best_<metric>` shows and its registered (best) checkpoint was scored by.
-        """
-        scored = [(t, v) for t, v in self._best.items() if t not in self._failed]
-        if not scored:
-            return None
-        return (min if self.sweep.mode == "min" else max)(scored, key=lambda x: x[1])
+        """The sweep's best trial: `raylora.names.best_index` over its trials' best values (full precision, from
+        their runs: trials that ended before a `--resume` count too), among trials that did not fail."""
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_run_id}'",
+            max_results=10000,
+        )
+        scored = sorted(
+            (run.data.tags[_TAG_TRIAL], float(run.data.tags[_TAG_BEST_VALUE]))
+            for run in runs
+            if run.data.tags.get(_TAG_STATUS) in (FINISHED, STOPPED_EARLY)
+            and _TAG_BEST_VALUE in run.data.tags
+            and _TAG_TRIAL in run.data.tags
+        )
+        index = best_index([value for _, value in scored], self.sweep.mode)
+        return None if index is None else scored[index]
 
     def _register_best(self, trial_id: str, value: float) -> None:
-        """Register the best trial's adapter, described and tagged; alias `best` on the sweep's best version."""
+        """Register the best trial's adapter, described and tagged; alias `best` on the sweep's best version.
+
+        Only an adapter that reached MLflow is registered (a version must point at a real artifact), and a
+        run is registered once however often this is replayed or the sweep resumed.
+        """
+        from mlflow.exceptions import MlflowException
+
         run_id = self.trial_runs.get(trial_id)
         if run_id is None:
             return
+        if not self.client.list_artifacts(run_id, "adapter"):
+            _warn(
+                f"the best trial's adapter ({self.run_names.get(trial_id, trial_id)}, run {run_id}) is not in "
+                f"MLflow at {self.tracking_uri}; nothing is registered"
+            )
+            return
         name = f"{self.sweep.name}-adapter"
-        config = self._configs[trial_id]  # set by `_trial_run` for every trial that reported a result
+        config = self._configs.get(trial_id) or self._logged_trial_config(run_id)
         adapter = config.adapter
         run_name = self.run_names.get(trial_id, trial_id)
         # Five tags, the ones a registry page lists first: what the adapter is for and how good it is.
@@ -783,7 +1118,7 @@ class MlflowTracker(tune.Callback):
             f"Trial `{run_name}` of sweep run `{self.parent_run_name}` (experiment `{self.sweep.name}`): a "
             f"{'QLoRA' if adapter.qlora else 'LoRA'} adapter of `{config.model.name_or_path}`, rank {adapter.r}, "
             f"alpha {alpha}, lr {lr}, target modules {tags['target_modules']}; "
-            f"{self.best_metric} {value:.4f}.\n\n"
+            f"{self.best_metric} {value:.4f} (its best eval).\n\n"
             f'Load it: `from raylora.tracking import load_adapter; model, tokenizer = load_adapter("models:/{name}/VERSION")` '
             "(the base loaded as the trial did, plus this adapter)."
         )
@@ -793,30 +1128,78 @@ class MlflowTracker(tune.Callback):
             f"{self.best_metric}. Load it: "
             f'`from raylora.tracking import load_adapter; model, tokenizer = load_adapter("models:/{name}@{BEST_ALIAS}")`.'
         )
-
-        def register() -> None:
-            from mlflow.exceptions import MlflowException
-
-            with contextlib.suppress(MlflowException):  # already registered: add a version
-                self.client.create_registered_model(
-                    name, tags={_TAG_SWEEP: self.sweep.name}, description=model_description
-                )
+        with contextlib.suppress(MlflowException):  # already registered: add a version
+            self.client.create_registered_model(
+                name, tags={_TAG_SWEEP: self.sweep.name}, description=model_description
+            )
+        registered = self.client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+        if registered:
+            version = registered[0]
+        else:
             version = self.client.create_model_version(
                 name, source=f"runs:/{run_id}/adapter", run_id=run_id, tags=tags
             )
-            self.client.update_model_version(
-                name, version.version, description=description.replace("VERSION", str(version.version))
-            )
-            try:
-                current = self.client.get_model_version_by_alias(name, BEST_ALIAS)
-                held = float(current.tags.get(self.best_metric, "nan"))
-            except MlflowException:
-                held = math.nan
-            better = value < held if self.sweep.mode == "min" else value > held
-            if math.isnan(held) or better:
-                self.client.set_registered_model_alias(name, BEST_ALIAS, version.version)
+        self.client.update_model_version(
+            name, version.version, description=description.replace("VERSION", str(version.version))
+        )
+        try:
+            current = self.client.get_model_version_by_alias(name, BEST_ALIAS)
+            held = float(current.tags.get(self.best_metric, "nan"))
+        except MlflowException:
+            held = math.nan
+        if math.isnan(held) or best_index([held, value], self.sweep.mode) == 1:
+            self.client.set_registered_model_alias(name, BEST_ALIAS, version.version)
 
-        self._call("register best adapter", register)
+    def _logged_trial_config(self, run_id: str) -> FinetuneConfig:
+        """A trial's config as its run logged it (a trial that ended before a `--resume`)."""
+        with tempfile.TemporaryDirectory(prefix="raylora-config-") as tmp:
+            path = self.client.download_artifacts(run_id, TRIAL_CONFIG_ARTIFACT, tmp)
+            return FinetuneConfig.from_dict(json.loads(Path(path).read_text())["config"])
+
+
+# What MLflow's run status says for each trial outcome (the tag `raylora.status` says the outcome itself).
+_RUN_STATUS = {FINISHED: "FINISHED", STOPPED_EARLY: "FINISHED", FAILED: "FAILED", INTERRUPTED: "KILLED"}
+
+
+def _trial_error(trial) -> str:
+    """The error that ended a trial, in one line (the original error, not Ray's wrapper)."""
+    from raylora.sweep.summary import error_line
+
+    try:
+        error = trial.get_pickled_error() or trial.get_error()
+    except Exception:  # an error file that cannot be read back: say that much
+        error = None
+    return error_line(error) if error is not None else "the trial failed (its error could not be read)"
+
+
+def _checkpoint_files(checkpoint) -> list:
+    """The files of a Ray checkpoint, through its own filesystem (local, S3, GCS...)."""
+    import pyarrow.fs
+
+    selector = pyarrow.fs.FileSelector(checkpoint.path, allow_not_found=True)
+    return [i for i in checkpoint.filesystem.get_file_info(selector) if i.type == pyarrow.fs.FileType.File]
+
+
+def _copy_adapter_files(checkpoint, target: Path) -> bool:
+    """Copy a checkpoint's adapter files (never the optimizer state) into `target`; False if it holds none."""
+    files = [f for f in _checkpoint_files(checkpoint) if f.base_name != CHECKPOINT_STATE_FILE]
+    if not any(f.base_name.startswith("adapter_model") for f in files):
+        return False
+    target.mkdir(parents=True, exist_ok=True)
+    for info in files:
+        with checkpoint.filesystem.open_input_stream(info.path) as source:
+            (target / info.base_name).write_bytes(source.read())
+    return True
+
+
+def _resolved_targets(checkpoint) -> list[str] | None:
+    """The module paths a trial's adapter resolved to, from its checkpoint's run config."""
+    path = f"{checkpoint.path.rstrip('/')}/{ADAPTER_RUN_CONFIG}"
+    try:
+        with checkpoint.filesystem.open_input_stream(path) as source:
+            return json.loads(source.read()).get("resolved_target_modules")
+    except (FileNotFoundError, OSError, json.JSONDecodeError):
+        return None
 
 
 def _rounded(key: str, value: float, best_metric: str) -> float:
@@ -842,14 +1225,6 @@ def _describe_domain(value: Any) -> Any:
         sampler = type(value.get_sampler()).__name__.lower().replace("_", "")
         return {"range": [value.lower, value.upper], "sampler": sampler}
     return value
-
-
-def _error_text(trial) -> str:
-    error_file = getattr(trial, "error_file", None)
-    if error_file and Path(error_file).exists():
-        lines = [line for line in Path(error_file).read_text().splitlines() if line.strip()]
-        return lines[-1] if lines else "error"
-    return "trial failed"
 
 
 def _version(package: str) -> str:
@@ -939,13 +1314,25 @@ def load_adapter(source: str, *, tracking_uri: str | None = None, device: str | 
         raise ValueError(
             f"{source!r} is not in the MLflow store at {uri} ({str(error).splitlines()[0]}); {hint}"
         ) from error
-    run_config = json.loads((Path(local) / ADAPTER_RUN_CONFIG).read_text())
-    run_config.pop("resolved_target_modules", None)
-    config = FinetuneConfig.from_dict(run_config)
+    config = _logged_run_config(Path(local))
     base = load_base_model(config.model, qlora=config.adapter.qlora, device=device)
     model = PeftModel.from_pretrained(base, local)
     model.eval()
     return model, AutoTokenizer.from_pretrained(local)
+
+
+def _logged_run_config(adapter_dir: Path) -> FinetuneConfig:
+    """The run config logged beside an adapter, ready to load its base.
+
+    Its `model.token` was masked (`***`) when it was logged: a masked token is no token, so loading falls
+    back to what the hub client finds itself (HF_TOKEN, the cached login), never sends `***` to the hub.
+    """
+    run_config = json.loads((adapter_dir / ADAPTER_RUN_CONFIG).read_text())
+    run_config.pop("resolved_target_modules", None)
+    config = FinetuneConfig.from_dict(run_config)
+    if config.model.token == REDACTED:
+        config.model.token = None
+    return config
 
 
 def _run_of(client, source: str) -> str:

@@ -54,8 +54,11 @@ def _job_id(stdout: str) -> str:
     raise AssertionError(f"no job id printed:\n{stdout}")
 
 
-def _two_worker_sweep(tmp_path: Path, name: str, strategy: str, steps: int, eval_every: int) -> Path:
-    """A sweep of one 2-worker FSDP trial, alone in its own project directory (the job's working dir)."""
+def _two_worker_sweep(
+    tmp_path: Path, name: str, strategy: str, steps: int, eval_every: int, workers: int = 2
+) -> Path:
+    """A sweep of one 2-worker FSDP trial (or `workers`), alone in its own project directory (the job's working
+    dir)."""
     project = tmp_path / name
     project.mkdir()
     (project / "pyproject.toml").write_text("[project]\nname = 'cluster-test'\nversion = '0'\n")
@@ -79,7 +82,7 @@ def _two_worker_sweep(tmp_path: Path, name: str, strategy: str, steps: int, eval
                 search_alg="grid",
                 scheduler="fifo",
                 num_samples=1,
-                resources=Resources(workers=2, cpus_per_worker=1, placement_strategy={strategy!r}),
+                resources=Resources(workers={workers}, cpus_per_worker=1, placement_strategy={strategy!r}),
             )
             """
         )
@@ -301,6 +304,49 @@ def test_working_dir_over_the_upload_limit_gets_a_hint(tmp_path):
         "submit", str(sweep), "--address", "http://127.0.0.1:1", "--exclude", "*.bin", env=env
     )  # fmt: skip
     assert "upload limit" not in run.stderr and "cannot reach the Ray dashboard" in run.stderr
+
+
+def test_a_stopped_job_ends_its_runs_killed_and_resume_continues_them(cluster: LocalCluster, tmp_path):
+    storage, db = tmp_path / "results", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # Long enough that the trial is still training when the stop arrives.
+    sweep = _two_worker_sweep(tmp_path, "stoppable", "PACK", steps=150, eval_every=10, workers=1)
+    where = ["--address", cluster.dashboard, "--storage-path", str(storage), "--tracking-uri", db]
+    run = _raylora("submit", str(sweep), *where, env=cluster.env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    job_id = _job_id(run.stdout)
+    client = JobSubmissionClient(cluster.dashboard, headers={"Authorization": f"Bearer {cluster.token}"})
+    deadline = time.monotonic() + 300
+    while not list((storage / "stoppable").glob("trial_*/checkpoint_*")):
+        assert time.monotonic() < deadline, client.get_job_logs(job_id)[-3000:]
+        assert str(client.get_job_status(job_id)) in ("PENDING", "RUNNING"), client.get_job_logs(job_id)[
+            -3000:
+        ]
+        time.sleep(0.5)
+
+    stop = _raylora("jobs", "stop", job_id, "--address", cluster.dashboard, env=cluster.env)
+    assert stop.returncode == 0 and f"job {job_id}: STOPPED" in stop.stdout, stop.stdout + stop.stderr
+    logs = client.get_job_logs(job_id)
+    assert "SIGTERM" in logs and "--resume" in logs, logs[-3000:]
+    mlflow = MlflowClient(tracking_uri=db)
+    experiment = mlflow.get_experiment_by_name("stoppable")
+    runs = mlflow.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    (child,) = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    # The job's driver handled the stop: nothing is left RUNNING, and the runs say why they ended.
+    for ended in (parent, child):
+        assert (ended.info.status, ended.data.tags["raylora.status"]) == ("KILLED", "INTERRUPTED"), (
+            ended.data.tags
+        )
+    assert mlflow.search_registered_models() == []
+
+    again = _raylora("submit", str(sweep), *where, "--resume", "--follow", env=cluster.env, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    runs = mlflow.search_runs([experiment.experiment_id])
+    assert len(runs) == 2  # the same sweep run and trial run went on
+    for run_ in runs:
+        assert run_.info.run_id in (parent.info.run_id, child.info.run_id) and run_.info.status == "FINISHED"
+    steps = [r["step"] for r in _reports(storage, "stoppable")]
+    assert steps == sorted(set(steps)) and steps[-1] == 150  # resumed from its checkpoint, not from step 0
 
 
 def test_losing_a_node_mid_trial_resumes_from_checkpoint_and_the_job_succeeds(

@@ -21,6 +21,7 @@ from raylora.data import (
     iterate_batches,
     load_data,
 )
+from raylora.packed import pack_key
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -125,6 +126,28 @@ def test_the_demo_data_loads_untruncated_and_the_generator_reproduces_it(tmp_pat
     subprocess.run([sys.executable, str(REPO / "scripts" / "make_demo_data.py"), str(tmp_path)], check=True)
     for name in ("demo.jsonl", "demo_chat.jsonl"):
         assert (tmp_path / name).read_bytes() == (REPO / "raylora" / "demo_data" / name).read_bytes()
+
+
+def test_the_eval_split_follows_its_own_seed_not_the_training_seed(tokenizer):
+    """A sweep that searches `training.seed` evaluates every trial on the same records (`data.split_seed`)."""
+
+    def eval_set(data: DataConfig, seed: int) -> list[list[int]]:
+        return [example.input_ids for example in load_data(data, tokenizer, seed=seed).eval]
+
+    data = demo_config().data
+    assert eval_set(data, seed=0) == eval_set(data, seed=1) == eval_set(data, seed=12345)
+    data.split_seed = 1
+    assert eval_set(data, seed=0) != eval_set(demo_config().data, seed=0)
+    # Packs share their data: trials that differ in their training seed alone still share a pack, unless
+    # packing lays out the train rows by that seed.
+    configs = [demo_config(), demo_config()]
+    configs[1].training.seed = 7
+    assert pack_key(configs[0]) == pack_key(configs[1])
+    for config in configs:
+        config.data.packing = True
+    assert pack_key(configs[0]) != pack_key(configs[1])
+    data.split_seed = -1
+    assert data.problems() == ["`data.split_seed` must be a non-negative integer, got -1"]
 
 
 # ---- sources -----------------------------------------------------------------------------------------------

@@ -6,7 +6,10 @@ Tune `Tuner` -> one trial per sampled config -> `_run_trial` -> a `SweepResult`.
 - `spec`: `Sweep` and `Resources`, their checks (all at once, no cluster needed), `load_sweep`;
 - `tuner`: `run_sweep` and `experiment_path`: Ray, storage, the `Tuner` and its `TuneConfig`;
 - `cluster`: what the cluster must offer before any trial starts (resources, shared storage);
-- `trial`: the Tune trial function, in-process for 1 worker, a `TorchTrainer` for N;
+- `events`: the driver's side of a running sweep: the callbacks Tune calls (never pickled into storage) and
+  stopping on SIGINT/SIGTERM so that `--resume` continues;
+- `trial`: the Tune trial function, in-process for 1 worker, a `TorchTrainer` for N; failures that would
+  repeat are recorded and not retried;
 - `summary`: `TrialSummary`, `SweepResult` and its table, `write_summary`.
 
 This package re-exports the public names; its modules import each other by module path, never through

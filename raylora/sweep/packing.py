@@ -480,14 +480,15 @@ PackEngine = _LazyEngine()
 
 def pack_problems_of_sweep(sweep) -> list[str]:
     """Why a sweep's trials cannot share engines (empty: they can), from the sweep definition alone."""
-    from raylora.packed import _SHARED_FIELDS, pack_problems
+    from raylora.packed import pack_problems, shared_fields
     from raylora.sweep.spec import _candidate_configs
 
     problems: list[str] = []
     if sweep.resources.workers != 1:
         problems.append(f"its trials run on {sweep.resources.workers} workers; a pack trains on one")
+    shared = shared_fields(sweep.base)
     searched = sorted(
-        key for key in sweep.search_space if any(key == f or key.startswith(f + ".") for f in _SHARED_FIELDS)
+        key for key in sweep.search_space if any(key == f or key.startswith(f + ".") for f in shared)
     )
     if searched:
         problems.append(

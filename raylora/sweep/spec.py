@@ -2,14 +2,16 @@
 
 A `Sweep` is plain data written in a sweep file (a base `FinetuneConfig`, a search space of Ray Tune
 samplers keyed by dotted config field, how to search it, what each trial asks of the cluster).
-`Sweep.problems()` lists every mistake at once before anything starts; `validate(against_model=True)`
-also checks each candidate of the model-dependent fields against the base model's config.json. Running a
+`Sweep.problems()` lists every mistake at once before anything starts (both ends of every searched range
+too); `validate(against_model=True)` also checks each candidate of the model-dependent fields against its
+model's config.json and reads each candidate dataset. Running a
 sweep lives in `raylora.sweep.tuner`: this module imports no Ray at import time (only the sampler types,
 inside the checks), so reading and validating a sweep stays cheap.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,6 +186,15 @@ class Sweep:
                     "training.learning_rate, adapter.target_modules"
                 )
                 continue
+            if key in _FIXED_PER_SWEEP:
+                problems.append(f"{where}: {_FIXED_PER_SWEEP[key]}")
+                continue
+            if key.startswith(_CHECKED_BEFORE_TRIALS) and not _enumerable(value):
+                problems.append(
+                    f"{where} is a random sampler over a field that is checked before any trial starts (the model "
+                    "and the data must exist); list its values with tune.choice([...]) or tune.grid_search([...])"
+                )
+                continue
             problems.extend(self._entry_problems(key, value, where))
         has_grid = any(_is_grid(value) for key, value in self.search_space.items() if key in known)
         if has_grid and self.search_alg == "optuna":
@@ -233,18 +244,28 @@ class Sweep:
         return problems
 
     def _range_problems(self, key: str, value: Any, where: str) -> list[str]:
+        """A continuous or integer range: ordered bounds, and both ends valid values of the field."""
+        from ray.tune.search.sample import Integer
+
         problems: list[str] = []
         lower, upper = value.lower, value.upper
         if lower is None or upper is None or lower >= upper:
-            problems.append(
+            return [
                 f"{where} has inverted or empty bounds ({lower}, {upper}); the lower bound must be smaller"
-            )
-        if key == "training.learning_rate" and lower is not None and lower <= 0:
+            ]
+        if key == "training.learning_rate" and lower <= 0:
             problems.append(
                 f"{where} has a learning rate bound {lower} <= 0; learning rates must be positive (e.g. 1e-4 to 3e-4)"
             )
-        elif lower is not None and key in ("adapter.r", "adapter.alpha", ALPHA_RATIO) and lower <= 0:
-            problems.append(f"{where} has a lower bound {lower} <= 0; it must be positive")
+        else:
+            # Tune samples [lower, upper): the largest value an integer range gives is upper - 1, a float
+            # range comes as close to upper as a float can.
+            top = upper - 1 if isinstance(value, Integer) else math.nextafter(upper, lower)
+            for bound, shown in dict.fromkeys(((lower, lower), (top, upper))):
+                problems.extend(
+                    p.replace(f"value {bound!r}:", f"bound {shown!r}:").replace(repr(bound), repr(shown))
+                    for p in _fixed_value_problems(self.base, key, bound, where)
+                )
         if self.search_alg == "grid":
             problems.append(
                 f"{where} is a continuous range, which grid search cannot enumerate; use "
@@ -282,8 +303,10 @@ class Sweep:
 
         Args:
             against_model: also check every candidate of the model-dependent fields (target modules,
-                QLoRA, max length) against the base model's config.json, without loading weights. Needs
-                the checkpoint (or the hub) to be reachable from this process; `run_sweep` does it.
+                QLoRA, max length) against each candidate model's config.json, without loading weights, and
+                read every candidate dataset (a missing path or a corrupt file is refused here, not in each
+                trial). Needs the checkpoint, the data (or the hub) to be reachable from this process;
+                `run_sweep` does it.
         """
         problems = self.problems()
         if against_model and not problems:
@@ -293,23 +316,32 @@ class Sweep:
         return self
 
     def _model_problems(self) -> list[str]:
+        """Every candidate model (the base's, or each one the search lists) against the adapter fields that
+        depend on it, from its config.json; and every candidate dataset, read once as the trials will."""
         from raylora.model import check_model
 
+        model_keys = ("adapter.target_modules", "adapter.qlora", "data.max_length")
+        model_keys += tuple(k for k in self.search_space if k.startswith("model."))
         problems: list[str] = []
         seen: set[str] = set()
-        for sampled in _candidate_configs(
-            self.search_space, ("adapter.target_modules", "adapter.qlora", "data.max_length")
-        ):
+
+        def add(sampled: dict[str, Any], found: list[str]) -> None:
+            where = ", ".join(f"{k}={v!r}" for k, v in sampled.items()) or "the base config"
+            for problem in found:
+                line = f"with {where}: {problem}"
+                if line not in seen:
+                    seen.add(line)
+                    problems.append(line)
+
+        for sampled in _candidate_configs(self.search_space, model_keys):
             config = self.trial_config(sampled)
             try:
                 check_model(config.model, config.adapter, max_length=config.data.max_length)
             except ConfigError as error:
-                where = ", ".join(f"{k}={v!r}" for k, v in sampled.items()) or "the base config"
-                for problem in error.problems:
-                    line = f"with {where}: {problem}"
-                    if line not in seen:
-                        seen.add(line)
-                        problems.append(line)
+                add(sampled, error.problems)
+        data_keys = tuple(k for k in self.search_space if k.startswith("data."))
+        for sampled in _candidate_configs(self.search_space, data_keys):
+            add(sampled, _data_problems(self.trial_config(sampled)))
         return problems
 
     def trial_config(self, sampled: dict[str, Any]) -> FinetuneConfig:
@@ -320,6 +352,34 @@ class Sweep:
         if ratio is not None:
             config.adapter.alpha = float(ratio) * config.adapter.r
         return config
+
+
+# Fields a search must not vary, and why.
+_FIXED_PER_SWEEP = {
+    "data.split_seed": "the eval split must be the same for every trial, or their eval losses are not "
+    "comparable; set `data.split_seed` in the base config",
+}
+# Fields whose every candidate is checked before the first trial (the model's config.json, the data files).
+_CHECKED_BEFORE_TRIALS = ("model.", "data.path", "data.eval_path", "data.format", "data.subset", "data.split")
+
+
+def _enumerable(value: Any) -> bool:
+    """A fixed value, a tune.choice or a grid: every candidate is known before the sweep starts."""
+    from ray.tune.search.sample import Categorical, Domain
+
+    return _is_grid(value) or isinstance(value, Categorical) or not isinstance(value, Domain)
+
+
+def _data_problems(config: FinetuneConfig) -> list[str]:
+    """Whether the data a trial would train on can be read: a missing path or an unparsable file is refused
+    here rather than in every trial. The read is the one the MLflow tracker fingerprints (cached)."""
+    from raylora.data import data_fingerprint
+
+    try:
+        data_fingerprint(config.data)
+    except ConfigError as error:
+        return list(error.problems)
+    return []
 
 
 def _is_grid(value: Any) -> bool:

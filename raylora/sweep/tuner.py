@@ -42,24 +42,36 @@ def run_sweep(
 ) -> SweepResult:
     """Run (or with `resume=True` continue) a sweep on a Ray cluster and return its trials.
 
+    SIGINT (Ctrl-C) and SIGTERM (`raylora jobs stop`) stop the sweep so that `resume=True` continues it: the
+    result then says `interrupted` and names no best trial.
+
     Args:
         sweep: the sweep definition; validated, against the cluster too, before any trial starts.
         address: a Ray cluster to join (``auto``, ``ray://`` or ``host:port``); default `RAY_ADDRESS`, else
             a local cluster started in this process.
         resume: continue the experiment under `sweep.storage_path/sweep.name` (`Tuner.restore`): finished
             trials are kept, interrupted ones resume from their last checkpoint, errored ones are retried.
-        callbacks: extra Ray Tune callbacks (the MLflow logger is one), run on this driver process.
+            Without it, a sweep whose results are already there is refused (never mixed with them).
+        callbacks: Ray Tune callbacks (the MLflow tracker is one), run on this driver process. They are given
+            to Tune anew by every call, resumed ones included, and never written to storage; their `setup`
+            gets `resume=`, their `on_experiment_end` `interrupted=` (a signal name or None) and `unfinished=`.
         verbose: Ray Tune's verbosity (0 silent, 1 status table, 2 results).
 
     Raises:
-        ConfigError: the sweep is invalid, or asks for resources the cluster can never satisfy.
+        ConfigError: the sweep is invalid, asks for resources the cluster can never satisfy, or (without
+            `resume`) its storage already holds a run of it.
     """
     import ray
     from ray import tune
 
+    from raylora.sweep.events import RunState, SweepEvents, stop_on_signals
+
     sweep.validate(against_model=True)
     pack = _pack_cap(sweep)  # before Ray starts: a pack that cannot apply is refused at once
     storage = _storage_uri(sweep.storage_path)
+    experiment_path = _join(storage, sweep.name)
+    if not resume:
+        _refuse_earlier_run(sweep, experiment_path)
     _init_ray(address)
     check_cluster(sweep, storage)
     namespace = ray.get_runtime_context().namespace
@@ -76,13 +88,13 @@ def run_sweep(
         tune.with_parameters(_run_trial, sweep_spec=_sweep_spec(sweep, storage, pack, namespace)),
         _trial_resources(sweep.resources, packed=pack is not None),
     )
-    experiment_path = _join(storage, sweep.name)
     if resume:
         if not tune.Tuner.can_restore(experiment_path):
             raise ConfigError(
                 f"`--resume`: no sweep to resume at {experiment_path}; run it without --resume first "
                 "(or check `sweep.storage_path` and `sweep.name`)"
             )
+        _forget_recorded_failures(experiment_path)
         tuner = tune.Tuner.restore(
             experiment_path,
             trainable=trainable,
@@ -104,16 +116,53 @@ def run_sweep(
                     checkpoint_score_attribute=sweep.metric,
                     checkpoint_score_order=sweep.mode,
                 ),
-                callbacks=[*callbacks, _tensorboard_logger()],
+                callbacks=[SweepEvents(), _tensorboard_logger()],
                 verbose=verbose,
             ),
         )
+    run = RunState(callbacks=list(callbacks), resume=resume)
     try:
-        grid = tuner.fit()
+        with SweepEvents.attach(run), stop_on_signals(run):
+            grid = tuner.fit()
     finally:
         if pack is not None:
             stop_engines(sweep.name, namespace)
-    return summarise(sweep, grid, experiment_path)
+    return summarise(sweep, grid, experiment_path, interrupted=run.interrupted, unfinished=run.unfinished)
+
+
+def _forget_recorded_failures(path: str) -> None:
+    """`--resume` retries errored trials: one attempt each again, even those whose failure was recorded as
+    deterministic (the user may have fixed what failed, a data file say)."""
+    import pyarrow.fs
+
+    from raylora.sweep.trial import FAILURE_FILE
+
+    filesystem, root = pyarrow.fs.FileSystem.from_uri(path if "://" in path else f"file://{path}")
+    for entry in filesystem.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True)):
+        record = f"{entry.path}/{FAILURE_FILE}"
+        if entry.type == pyarrow.fs.FileType.Directory and filesystem.get_file_info(record).is_file:
+            filesystem.delete_file(record)
+
+
+def _refuse_earlier_run(sweep: Sweep, path: str) -> None:
+    """A sweep started without `--resume` where one already ran would add its trials to that run's results
+    (and MLflow run): refuse, saying how to continue that run or start afresh.
+
+    Raises:
+        ConfigError: `path` exists and is not empty.
+    """
+    import pyarrow.fs
+
+    filesystem, root = pyarrow.fs.FileSystem.from_uri(path if "://" in path else f"file://{path}")
+    found = filesystem.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+    if not found:
+        return
+    raise ConfigError(
+        f"{path} already holds a run of sweep {sweep.name!r} ({len(found)} entries); a new run there would mix "
+        f"its trials with that one's. Continue that run with `raylora run <sweep file> --resume` "
+        "(`run_sweep(..., resume=True)`), or start afresh: delete that directory, or give this run another "
+        "`--storage-path` (or `Sweep.name`)"
+    )
 
 
 def experiment_path(sweep: Sweep) -> str:
@@ -176,7 +225,6 @@ def _sweep_spec(sweep: Sweep, storage: str, pack: int | None = None, namespace: 
         "base": base,
         "resources": dataclasses.asdict(sweep.resources),
         "storage": storage,
-        "max_failures": sweep.max_failures,
         "keep_checkpoints": sweep.keep_checkpoints,
         "metric": sweep.metric,
         "mode": sweep.mode,
@@ -230,9 +278,21 @@ def _tune_config(sweep: Sweep, pack: int | None = None):
         # start and the torch/transformers imports (seconds per trial). N-worker trials start their own
         # worker group anyway.
         reuse_actors=sweep.resources.workers == 1,
-        trial_name_creator=lambda trial: f"{sweep.name}_{trial.trial_id}",
-        trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}",
+        # Callables that hold the name only: Tune pickles them into its state files, and a lambda over the
+        # sweep would take its whole base config there (a `model.token` included).
+        trial_name_creator=_TrialName(sweep.name),
+        trial_dirname_creator=_TrialName("trial"),
     )
+
+
+class _TrialName:
+    """`<prefix>_<trial id>`: Tune's trial name and trial directory name."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def __call__(self, trial) -> str:
+        return f"{self.prefix}_{trial.trial_id}"
 
 
 def _packed_concurrency(sweep: Sweep, pack: int | None) -> int | None:
