@@ -483,7 +483,8 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
         RuntimeError: the architecture declares no `_no_split_modules`, so its layers cannot be told apart.
     """
     no_split = set(getattr(unwrap(model), "_no_split_modules", None) or [])
-    layers = [m for m in model.modules() if type(m).__name__ in no_split]
+    # By class name along the class's bases: FSDP2 renames a sharded layer's class (FSDPLlamaDecoderLayer).
+    layers = [m for m in model.modules() if any(c.__name__ in no_split for c in type(m).__mro__)]
     if not layers:
         raise RuntimeError(
             f"cannot find the decoder layers of {type(unwrap(model)).__name__} to shard with FSDP2 "

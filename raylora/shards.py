@@ -154,6 +154,12 @@ def pack_for_sharding(model: torch.nn.Module) -> int:
     A bitsandbytes `Linear4bit` built on the meta device holds a placeholder of the matrix's shape; once
     quantised its weight is a [rows x cols / values-per-element, 1] column of the storage dtype. The arguments
     of the quantisation are kept on the module for `load_shards`. Returns how many weights were packed.
+
+    The layers also keep their training layout in evaluation. On CPUs with AVX512-BF16, bitsandbytes repacks
+    a 4-bit weight for its CPU kernel at the first no-grad forward, replacing the weight's data and rewriting
+    the layer's quantisation state in place. Under FSDP2 the repacked data is the gathered copy, dropped at
+    the next reshard, while the rewritten state stays: every later gather would be read in the wrong layout
+    (BENCHMARKS.md has the eval loss it gave on 2 workers).
     """
     import bitsandbytes as bnb
 
@@ -171,6 +177,7 @@ def pack_for_sharding(model: torch.nn.Module) -> int:
         module.weight = bnb.nn.Params4bit(
             packed, requires_grad=False, bnb_quantized=True, module=module, **args
         )
+        module.support_avx512bf16_for_cpu = False
         count += 1
     return count
 
