@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from raylora.model import decoder_layers, unwrap
 
-__all__ = ["Workers", "local_parameter_bytes", "shard_with_fsdp2"]
+__all__ = ["Workers", "local_parameter_bytes", "return_freed_blocks", "shard_with_fsdp2"]
 
 
 @dataclass
@@ -103,3 +103,27 @@ def local_parameter_bytes(model: torch.nn.Module) -> int:
         local = param.to_local() if hasattr(param, "to_local") else param
         total += local.numel() * local.element_size()
     return total
+
+
+def return_freed_blocks() -> bool:
+    """Make glibc hand blocks of 1 MiB and more back to the OS when they are freed; returns whether it could.
+
+    For sharded training on the CPU: FSDP2 gathers each layer's weights before its forward and frees them
+    after, one layer after another. glibc raises its mmap threshold as such blocks are freed (up to 32 MiB),
+    so it soon serves them from its heap, and a freed heap block of that size is kept for reuse, split and
+    rarely given back: over one step the process's resident set grows towards the whole base even though
+    no more than two layers are alive at once. A fixed threshold keeps every such block a mapping of its own,
+    unmapped when freed. (On GPUs the gathered weights live in device memory and this does not arise.)
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    m_mmap_threshold = -3
+    return bool(mallopt(m_mmap_threshold, 1 << 20))

@@ -39,7 +39,7 @@ import torch
 from raylora.checkpoint import load_checkpoint, save_adapter, save_checkpoint
 from raylora.config import ConfigError, FinetuneConfig, TrainingConfig, sharded_adapter_problem
 from raylora.data import TokenizedData, eval_batches, iterate_batches, load_data
-from raylora.distributed import Workers, local_parameter_bytes, shard_with_fsdp2
+from raylora.distributed import Workers, local_parameter_bytes, return_freed_blocks, shard_with_fsdp2
 from raylora.fastpath import (
     DropoutSeeds,
     compile_layers,
@@ -174,6 +174,8 @@ class LoraRecipe:
             problem = sharded_adapter_problem(cfg.adapter, workers.world_size)
             if problem:
                 raise ConfigError(problem)
+            if workers.device.type == "cpu":
+                return_freed_blocks()  # gathered layers come and go in host memory (distributed.py says why)
             model = base_skeleton(cfg.model, qlora=cfg.adapter.qlora)
         else:
             model = load_base_model(cfg.model, qlora=cfg.adapter.qlora, device=workers.device)

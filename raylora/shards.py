@@ -290,17 +290,21 @@ def _checkpoint_key(name: str, base: torch.nn.Module) -> str:
 
 
 class _Checkpoint:
-    """The tensors of a safetensors checkpoint (one file or several with an index), opened lazily."""
+    """The tensors of a safetensors checkpoint (one file or several with an index).
+
+    Each read opens its file and closes it again: safetensors maps the file into memory, and the pages a
+    read touches count in the process's resident set for as long as the map lives, so a rank that kept its
+    files open would end up holding every page it read on top of the copies it keeps.
+    """
 
     def __init__(self, files: dict[str, Path]) -> None:
         self._files = files
-        self._open: dict[Path, Any] = {}
 
     def __enter__(self) -> _Checkpoint:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._open.clear()
+        pass
 
     def read(self, key: str, *, expect: tuple[int, ...], rows: tuple[int, int] | None = None) -> torch.Tensor:
         from safetensors import safe_open
@@ -313,18 +317,15 @@ class _Checkpoint:
                 "model's parameter names (transformers renames or fuses them on load), which only a one-worker "
                 "trial loads; set `resources.workers=1`"
             )
-        if path not in self._open:
-            self._open[path] = safe_open(str(path), framework="pt", device="cpu")
-        tensor = self._open[path].get_slice(key)
-        shape = tuple(tensor.get_shape())
-        if shape != tuple(expect):
-            raise ConfigError(
-                f"the checkpoint's tensor {key!r} has shape {shape}, but the model built from its config.json "
-                f"expects {tuple(expect)}; check that config.json belongs to these weights"
-            )
-        if rows is None:
-            return tensor[:]
-        return tensor[rows[0] : rows[1]]
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            tensor = handle.get_slice(key)
+            shape = tuple(tensor.get_shape())
+            if shape != tuple(expect):
+                raise ConfigError(
+                    f"the checkpoint's tensor {key!r} has shape {shape}, but the model built from its "
+                    f"config.json expects {tuple(expect)}; check that config.json belongs to these weights"
+                )
+            return tensor[:] if rows is None else tensor[rows[0] : rows[1]]
 
 
 def _checkpoint_files(model: ModelConfig) -> dict[str, Path]:
