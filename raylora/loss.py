@@ -12,6 +12,10 @@ Why the head is applied here, in chunks: the fp32 logits of a whole micro-batch 
 frozen head (every real LoRA run), `_FrozenHeadCrossEntropy` takes each chunk's gradient with respect to the
 hidden states right after its loss, so backward has nothing to recompute; `head_loss_and_grad` writes that
 arithmetic out so that `torch.compile` fuses it.
+
+Under FSDP2 the same chunked loss applies: the decoder's output is taken from the whole model's forward (the
+root unit's forward must run), with the head applied to no position there, and the head's unit keeps its
+weight gathered until the end of the step (`raylora.distributed.shard_with_fsdp2`).
 """
 
 from __future__ import annotations

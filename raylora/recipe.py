@@ -19,8 +19,9 @@ What a step computes:
   k+1.. as the uninterrupted run, without saving RNG state.
 
 Distributed: when a `torch.distributed` process group is up with more than one rank (Ray Train's
-`TorchTrainer` starts one), each decoder layer is an FSDP2 unit (`raylora.distributed`) and every rank reads
-its own slice of each global batch.
+`TorchTrainer` starts one), the base loads straight into its FSDP2 shards (`raylora.shards`: no rank holds
+the whole base), each decoder layer, the embeddings and the head are FSDP2 units (`raylora.distributed`), and
+every rank reads its own slice of each global batch.
 """
 
 from __future__ import annotations

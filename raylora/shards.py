@@ -29,6 +29,12 @@ upcasts it to fp32 afterwards in both cases); FSDP2 then shards the real values.
 base weights (DoRA's magnitudes, PiSSA, OLoRA, LoftQ, EVA, CorDA) cannot be built on a meta base and are
 refused before any weight loads (`raylora.config.sharded_adapter_problem`).
 
+Why 4-bit layers stay bitsandbytes' (not torchao's `NF4Tensor`, which implements FSDP2's all-gather hooks):
+the packed bytes are then the one-worker run's own, bit for bit, the one-GPU path does not change, and the
+loss matches one worker's with every layer resharded. The price is the quantisation state, which
+bitsandbytes reads from the module and every rank therefore keeps whole (about 1/32 of the packed bytes of the
+whole base); BENCHMARKS.md ("Sharded bases") has the figures and when torchao would pay.
+
 What loads this way: checkpoints stored as safetensors whose tensor names are the model's own parameter names
 (Llama, Mistral, Qwen and most dense decoders). A checkpoint that transformers renames or fuses on load (older
 layouts, MoE experts stored per expert), one stored as pickled `.bin` files, or one already quantised is
@@ -101,6 +107,7 @@ def base_skeleton(model: ModelConfig, *, qlora: bool) -> PreTrainedModel:
     # Parameters on meta, buffers (rotary frequencies) real: they are small and computed, not loaded.
     with init_empty_weights(include_buffers=False):
         base = AutoModelForCausalLM.from_config(model_config, **kwargs)
+    base.tie_weights()  # tied embeddings share one parameter, as after `from_pretrained` (not done on meta)
     if qlora:
         from transformers.quantizers import AutoHfQuantizer
 

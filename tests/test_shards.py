@@ -20,15 +20,43 @@ from raylora.config import FinetuneConfig, demo_config
 
 CASES = {
     "bf16": {"model.dtype": "bfloat16"},
+    # Input and output embeddings tied (Llama-3.2-1B's layout): one parameter, kept in the root unit.
+    "tied": {"model.dtype": "bfloat16", "model.name_or_path": "{tied}"},
     "qlora": {"model.dtype": "bfloat16", "adapter.qlora": True, "training.activation_checkpointing": 0.0},
     "fp8": {"model.dtype": "bfloat16", "training.fp8": True},
 }
 
 
+def _tied_checkpoint(root: Path) -> str:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from raylora.tiny import materialize_preset
+
+    tokenizer = AutoTokenizer.from_pretrained(materialize_preset("tiny-llama"))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(root / "tied")
+    tokenizer.save_pretrained(root / "tied")
+    return str(root / "tied")
+
+
 def _config(case: str, batch_size: int, output_dir: str) -> FinetuneConfig:
+    tied = str(Path(output_dir).parent / "tied")
+    overrides = {k: v.format(tied=tied) if isinstance(v, str) else v for k, v in CASES[case].items()}
     config = demo_config().with_overrides(
         {
-            **CASES[case],
+            **overrides,
             "adapter.modules_to_save": [],  # a frozen head: the loss applies it in chunks
             "adapter.dropout": 0.1,
             "training.batch_size": batch_size,
@@ -79,6 +107,7 @@ def _rank(rank: int, world: int, init_file: str, out: str) -> None:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards")
+    _tied_checkpoint(out)
     init_file = Path(tempfile.mkdtemp()) / "init"
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     mp.spawn(_rank, args=(2, str(init_file), str(out)), nprocs=2, join=True)
@@ -86,11 +115,11 @@ def two_ranks(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_each_rank_loads_its_half_of_the_base_and_one_worker_s_adapter(two_ranks, case, tmp_path):
+def test_each_rank_loads_its_half_of_the_base_and_one_worker_s_adapter(two_ranks, case):
     from raylora.recipe import LoraRecipe
 
     ranks = [torch.load(two_ranks / f"{case}-rank{r}.pt", weights_only=False) for r in range(2)]
-    single = LoraRecipe(_config(case, batch_size=4, output_dir=str(tmp_path)))
+    single = LoraRecipe(_config(case, batch_size=4, output_dir=str(two_ranks / f"{case}-single")))
     single.setup()
     one = _snapshot(single)
 
