@@ -255,6 +255,9 @@ def main() -> None:
         help="fraction of layers to checkpoint (default: the loop's; 1.0 for the big shapes)",
     )
     parser.add_argument("--work", default=None, help="where checkpoints and data go (kept between calls)")
+    parser.add_argument(
+        "--prepare-only", action="store_true", help="write the checkpoint and data into --work, run nothing"
+    )
     parser.add_argument("--out", default=None, help="also write the rows as JSON lines here")
     args = parser.parse_args()
 
@@ -280,6 +283,9 @@ def main() -> None:
     else:
         ckpt = tp.build_checkpoint(args.shape, work)
     data = tp.write_data(work, records=args.global_batch * (args.steps + 4) * 2)
+    if args.prepare_only:
+        tp.log(f"prepared {ckpt} and {data}")
+        return
     ray.init(num_gpus=torch.cuda.device_count(), include_dashboard=False, log_to_driver=False)
     for mode in args.modes.split(","):
         rows = []
