@@ -210,6 +210,12 @@ def load_shards(model: torch.nn.Module, workers: Workers) -> None:
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]
         if not _local(tensor).is_meta
     }
+    from raylora.fastpath import Float8Linear
+
+    for name, buffer in model.named_buffers():
+        owner = model.get_submodule(name.rpartition(".")[0])
+        if buffer.is_meta and not (isinstance(owner, Float8Linear) and name.endswith(".weight_scale")):
+            raise RuntimeError(f"buffer {name} has no value on the meta skeleton and nothing loads it")
     model.to_empty(device=workers.device)  # FSDP2's own way to materialise a model sharded on meta
     with torch.no_grad():
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
