@@ -40,13 +40,14 @@ __all__ = [
     "ModelConfig",
     "TrainingConfig",
     "demo_config",
+    "sharded_adapter_problem",
 ]
 
 BASE_DTYPES = ("bfloat16", "float16", "float32", "auto")
 DATA_FORMATS = ("text", "instruction", "chat")
 LR_SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
-# `auto`: inductor on one GPU, off on the CPU and under FSDP2; `aot_eager` traces without generating kernels.
+# `auto`: inductor on GPUs (one worker or several), off on the CPU; `aot_eager` traces without generating kernels.
 COMPILE_MODES = ("auto", "off", "inductor", "aot_eager")
 
 
@@ -450,15 +451,15 @@ class TrainingConfig:
         default=None,
     )
     compile: str = _help(
-        "torch.compile each decoder layer: auto (inductor on a single GPU; off on the CPU, where compiling "
-        "costs more than it saves, and under FSDP2), off, inductor, or aot_eager (traced, eager kernels).",
+        "torch.compile each decoder layer: auto (inductor on GPUs, one worker or several; off on the CPU, "
+        "where compiling costs more than it saves), off, inductor, or aot_eager (traced, eager kernels).",
         default="auto",
     )
     fp8: bool = _help(
         "Run the frozen base's linear layers in FP8 (weights stored in float8, per-tensor scales): faster "
         "matmuls on GPUs with FP8 tensor cores (compute capability 8.9+: H100, H200, L4, B200), half the base "
-        "weight memory; the adapter trains against an fp8-rounded base. Off by default; not with QLoRA, one "
-        "worker per trial.",
+        "weight memory; the adapter trains against an fp8-rounded base. Off by default; not with QLoRA. "
+        "Under FSDP2 the fp8 weights are sharded and gathered as fp8.",
         default=False,
     )
     precision: str = _help(
@@ -660,3 +661,32 @@ def demo_config() -> FinetuneConfig:
             output_dir="outputs/demo",
         ),
     )
+
+
+# peft's `init_lora_weights` values that draw the adapter from the RNG alone (no base weights needed).
+_RNG_INITS = (True, False, "gaussian")
+
+
+def sharded_adapter_problem(adapter: AdapterConfig, workers: int) -> str | None:
+    """Why `adapter` cannot start on a base loaded into shards (N workers), or None.
+
+    Args:
+        adapter: the adapter section of the config.
+        workers: the trial's worker count.
+    """
+    if workers <= 1:
+        return None
+    if adapter.use_dora is True:
+        return (
+            f"`adapter.use_dora` is true with {workers} workers, but DoRA's magnitudes are computed from the "
+            "base weights when the adapter is created, and a sharded trial builds the adapter before any rank "
+            "holds them; set `resources.workers=1` or turn `adapter.use_dora` off"
+        )
+    init = dict(adapter.peft_kwargs).get("init_lora_weights", True)
+    if not any(init is value or (isinstance(init, str) and init == value) for value in _RNG_INITS):
+        return (
+            f"`adapter.peft_kwargs.init_lora_weights` is {init!r} with {workers} workers, but that "
+            "initialisation reads the base weights, and a sharded trial builds the adapter before any rank "
+            "holds them; use true or 'gaussian', or set `resources.workers=1`"
+        )
+    return None

@@ -53,6 +53,7 @@ __all__ = [
     "compile_layers",
     "convert_to_float8",
     "eager",
+    "float8_weight",
     "install_lean_lora",
     "seed_dropout",
 ]
@@ -389,6 +390,12 @@ class _Float8Matmul(torch.autograd.Function):
         return grad_x.reshape(*grad_out.shape[:-1], weight.size(1)), None, None, None
 
 
+def float8_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A frozen weight as `Float8Linear` stores it: e4m3 values (row-major) and the fp32 scale back."""
+    fp8, scale = _quantize(weight, E4M3)
+    return fp8.contiguous(), scale
+
+
 class Float8Linear(torch.nn.Module):
     """A frozen `nn.Linear` whose weight is stored in float8 e4m3 and whose matmuls run in FP8.
 
@@ -407,7 +414,7 @@ class Float8Linear(torch.nn.Module):
     @classmethod
     @torch.no_grad()
     def from_linear(cls, linear: torch.nn.Linear) -> Float8Linear:
-        weight, scale = _quantize(linear.weight.detach(), E4M3)
+        weight, scale = float8_weight(linear.weight.detach())
         bias = None if linear.bias is None else linear.bias.detach().clone()
         return cls(weight.contiguous(), scale, bias)
 

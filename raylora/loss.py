@@ -12,14 +12,18 @@ Why the head is applied here, in chunks: the fp32 logits of a whole micro-batch 
 frozen head (every real LoRA run), `_FrozenHeadCrossEntropy` takes each chunk's gradient with respect to the
 hidden states right after its loss, so backward has nothing to recompute; `head_loss_and_grad` writes that
 arithmetic out so that `torch.compile` fuses it.
+
+Under FSDP2 the same chunked loss applies: the decoder's output is taken from the whole model's forward (the
+root unit's forward must run), with the head applied to no position there, and the head's unit keeps its
+weight gathered until the end of the step (`raylora.distributed.shard_with_fsdp2`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
@@ -71,8 +75,11 @@ def forward(
     if own_head is None:
         return ModelOutput(model(**inputs).logits, None, None)
     head = head if head is not None else own_head
-    # The decoder alone (LoRA layers sit inside it): the [tokens, vocab] logits are never built here.
-    hidden = unwrap(model).get_decoder()(**inputs).last_hidden_state
+    if _sharded(model):
+        hidden = _hidden_through_root(model, inputs)
+    else:
+        # The decoder alone (LoRA layers sit inside it): the [tokens, vocab] logits are never built here.
+        hidden = unwrap(model).get_decoder()(**inputs).last_hidden_state
     device_type = hidden.device.type
     autocast_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
     return ModelOutput(hidden, head, autocast_dtype)
@@ -81,15 +88,47 @@ def forward(
 def chunkable_head(model: torch.nn.Module) -> torch.nn.Module | None:
     """The output head, when the loss may apply it itself; None to take the model's own logits.
 
-    Not under FSDP2 (the root unit's embeddings and head are gathered by the root's own forward only), and
-    not for architectures that transform the logits after the head (Gemma 2's soft-capping, Cohere's scale).
+    Not for architectures that transform the logits after the head (Gemma 2's soft-capping, Cohere's scale),
+    and not for a head that trains under FSDP2 (`modules_to_save`, LoRA on the head): its gradients go through
+    its FSDP2 unit's own forward and backward, so the model's own forward applies it.
     """
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return None
     base = unwrap(model)
     if getattr(getattr(base, "config", None), "model_type", None) not in _PLAIN_HEAD_MODEL_TYPES:
         return None
-    return base.get_output_embeddings()
+    head = base.get_output_embeddings()
+    if _sharded(model) and (head is None or any(p.requires_grad for p in head.parameters())):
+        return None
+    return head
+
+
+def _sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _hidden_through_root(model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+    """The decoder's final hidden states from the whole model's forward, the head applied to no position.
+
+    Under FSDP2 the root unit's forward must run (it gathers the root's parameters, the final norm among
+    them, and queues the end-of-backward work), so the decoder is not called alone: the model runs with
+    `logits_to_keep` an empty index, which makes its head compute [batch, 0, vocab] logits, and the
+    decoder's output is taken on the way. The head's own unit gathers its weight in that forward and keeps
+    it gathered for the loss (`raylora.distributed.shard_with_fsdp2`).
+    """
+    captured: list[torch.Tensor] = []
+
+    def keep(module, args, output) -> None:
+        captured.append(output.last_hidden_state)
+
+    handle = unwrap(model).get_decoder().register_forward_hook(keep)
+    try:
+        no_position = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
+        model(**inputs, logits_to_keep=no_position)
+    finally:
+        handle.remove()
+    (hidden,) = captured
+    return hidden
 
 
 def count_targets(batch: dict[str, torch.Tensor]) -> int:
@@ -148,7 +187,9 @@ def _chunk_cross_entropy(
     # The head runs under the autocast the decoder ran under, as it would inside the model's forward.
     enabled = autocast_dtype is not None
     with torch.autocast(hidden.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=enabled):
-        logits = head(hidden)
+        # A plain linear head by its weight, as its forward would: a sharded head's forward would gather it
+        # again for every chunk, while its weight is already gathered here (`_hidden_through_root`).
+        logits = F.linear(hidden, head.weight, head.bias) if _linear(head) else head(hidden)
     return F.cross_entropy(
         logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum", label_smoothing=label_smoothing
     )
@@ -192,8 +233,16 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
         return (grad.float() * grad_output).to(grad.dtype), None, None, None, None, None
 
 
+def _linear(head: torch.nn.Module) -> bool:
+    """An `nn.Linear` itself, or the class FSDP2 derives from it for a sharded head (FSDPLinear)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    cls = type(head)
+    return cls is torch.nn.Linear or (isinstance(head, FSDPModule) and cls.__bases__[-1] is torch.nn.Linear)
+
+
 def _plain_linear(head: torch.nn.Module) -> bool:
-    return type(head) is torch.nn.Linear and head.bias is None
+    return _linear(head) and head.bias is None
 
 
 def head_loss_and_grad(

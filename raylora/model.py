@@ -34,8 +34,11 @@ __all__ = [
     "ParameterCount",
     "apply_activation_checkpointing",
     "apply_lora",
+    "base_dtype",
     "check_max_length",
     "check_model",
+    "check_quantization",
+    "check_quantized",
     "count_parameters",
     "decoder_layers",
     "load_base_model",
@@ -43,6 +46,7 @@ __all__ = [
     "load_tokenizer",
     "lora_config",
     "model_max_length",
+    "nf4_config",
     "resolve_model_path",
     "unwrap",
 ]
@@ -240,7 +244,7 @@ def load_base_model(
             bitsandbytes is missing, the checkpoint is already quantised with another method, or no linear
             layer became 4-bit after loading.
     """
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(model)
     model_config = _load_config(model, path)
@@ -252,39 +256,69 @@ def load_base_model(
     }
     if model.attn_implementation is not None:
         kwargs["attn_implementation"] = model.attn_implementation
-    problem, prequantized = _quantization_problem(model_config, model.name_or_path, qlora=qlora)
-    if qlora:
-        problem = problem or _bitsandbytes_problem()
-    if problem:
-        raise ConfigError(problem)
-    if qlora:
-        if not prequantized:
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type="nf4",
-                bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=torch.bfloat16,
-                bnb_4bit_quant_storage=torch.bfloat16,
-            )
-        kwargs["dtype"] = _DTYPES.get(model.dtype, torch.bfloat16)
-    else:
-        kwargs["dtype"] = "auto" if model.dtype == "auto" else _DTYPES[model.dtype]
+    prequantized = check_quantization(model_config, model, qlora=qlora)
+    if qlora and not prequantized:
+        kwargs["quantization_config"] = nf4_config()
+    kwargs["dtype"] = base_dtype(model, qlora=qlora)
     try:
         base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as error:
         raise _load_failed(model, "weights", error) from error
     if qlora:
-        import bitsandbytes as bnb
-
-        if not any(isinstance(m, bnb.nn.Linear4bit) for m in base.modules()):
-            raise ConfigError(
-                f"`adapter.qlora` is true, but no linear layer of {model.name_or_path!r} "
-                f"({base.config.model_type}) was quantised to 4-bit (its layers are not torch.nn.Linear); "
-                "set `adapter.qlora` to false to train LoRA on the unquantised base"
-            )
+        check_quantized(base, model)
     base.requires_grad_(False)
     base.config.use_cache = False
     return base
+
+
+def nf4_config() -> Any:
+    """The bitsandbytes config of a QLoRA base: NF4, double quantisation, bf16 compute, packed into bf16.
+
+    The packed 4-bit weights are stored as bf16 elements (four 4-bit values each) so that FSDP2 shards them
+    like any other bf16 tensor (`raylora.shards` loads them straight into their shards).
+    """
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_quant_storage=torch.bfloat16,
+    )
+
+
+def base_dtype(model: ModelConfig, *, qlora: bool) -> torch.dtype | str:
+    """The dtype the unquantised base weights are stored in (`auto`: the checkpoint's own; bf16 under QLoRA)."""
+    if qlora:
+        return _DTYPES.get(model.dtype, torch.bfloat16)
+    return "auto" if model.dtype == "auto" else _DTYPES[model.dtype]
+
+
+def check_quantization(model_config: PretrainedConfig, model: ModelConfig, *, qlora: bool) -> bool:
+    """Refuse a checkpoint/QLoRA combination that cannot load; return whether it is stored in NF4 already.
+
+    Raises:
+        ConfigError: bitsandbytes is missing under QLoRA, or the checkpoint's quantisation does not fit.
+    """
+    problem, prequantized = _quantization_problem(model_config, model.name_or_path, qlora=qlora)
+    if qlora:
+        problem = problem or _bitsandbytes_problem()
+    if problem:
+        raise ConfigError(problem)
+    return prequantized
+
+
+def check_quantized(base: torch.nn.Module, model: ModelConfig) -> None:
+    """Refuse a QLoRA base in which no linear layer became 4-bit (its layers are not `nn.Linear`)."""
+    import bitsandbytes as bnb
+
+    if not any(isinstance(m, bnb.nn.Linear4bit) for m in base.modules()):
+        raise ConfigError(
+            f"`adapter.qlora` is true, but no linear layer of {model.name_or_path!r} "
+            f"({base.config.model_type}) was quantised to 4-bit (its layers are not torch.nn.Linear); "
+            "set `adapter.qlora` to false to train LoRA on the unquantised base"
+        )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -449,7 +483,8 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
         RuntimeError: the architecture declares no `_no_split_modules`, so its layers cannot be told apart.
     """
     no_split = set(getattr(unwrap(model), "_no_split_modules", None) or [])
-    layers = [m for m in model.modules() if type(m).__name__ in no_split]
+    # By class name along the class's bases: FSDP2 renames a sharded layer's class (FSDPLlamaDecoderLayer).
+    layers = [m for m in model.modules() if any(c.__name__ in no_split for c in type(m).__mro__)]
     if not layers:
         raise RuntimeError(
             f"cannot find the decoder layers of {type(unwrap(model)).__name__} to shard with FSDP2 "

@@ -27,6 +27,7 @@ __all__ = [
     "NUM_NODES",
     "PACK_ENGINE",
     "PACK_SIZE",
+    "PARAMETER_MEMORY_GIB",
     "PEAK_MEMORY_GIB",
     "PENDING",
     "REPORTED_METRICS",
@@ -64,6 +65,8 @@ TOKENS_PER_SEC = "tokens_per_sec"
 TOKENS_SEEN = "tokens_seen"
 # This run's own peak since its set-up (`raylora.recipe.reset_peak_memory`): GPU allocated; CPU resident.
 PEAK_MEMORY_GIB = "peak_memory_gib"
+# The largest rank's parameters in memory (its FSDP2 shards of the base and the adapter), GiB.
+PARAMETER_MEMORY_GIB = "parameter_memory_gib"
 TRAINABLE_PARAMS = "trainable_params"
 TOTAL_PARAMS = "total_params"
 TRAINABLE_PERCENT = "trainable_percent"

@@ -19,12 +19,14 @@ What a step computes:
   k+1.. as the uninterrupted run, without saving RNG state.
 
 Distributed: when a `torch.distributed` process group is up with more than one rank (Ray Train's
-`TorchTrainer` starts one), each decoder layer is an FSDP2 unit (`raylora.distributed`) and every rank reads
-its own slice of each global batch.
+`TorchTrainer` starts one), the base loads straight into its FSDP2 shards (`raylora.shards`: no rank holds
+the whole base), each decoder layer, the embeddings and the head are FSDP2 units (`raylora.distributed`), and
+every rank reads its own slice of each global batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -37,9 +39,9 @@ from pathlib import Path
 import torch
 
 from raylora.checkpoint import load_checkpoint, save_adapter, save_checkpoint
-from raylora.config import ConfigError, FinetuneConfig, TrainingConfig
+from raylora.config import ConfigError, FinetuneConfig, TrainingConfig, sharded_adapter_problem
 from raylora.data import TokenizedData, eval_batches, iterate_batches, load_data
-from raylora.distributed import Workers, shard_with_fsdp2
+from raylora.distributed import Workers, local_parameter_bytes, return_freed_blocks, shard_with_fsdp2
 from raylora.fastpath import (
     DropoutSeeds,
     compile_layers,
@@ -61,6 +63,7 @@ from raylora.names import (
     FIRST_STEP_AT,
     GRAD_NORM,
     LEARNING_RATE,
+    PARAMETER_MEMORY_GIB,
     PEAK_MEMORY_GIB,
     SETUP_TIME_S,
     STEP,
@@ -73,6 +76,7 @@ from raylora.names import (
     TRAINABLE_PERCENT,
     WALL_TIME_S,
 )
+from raylora.shards import adapters_on_cpu, base_skeleton, load_shards, pack_for_sharding
 
 __all__ = [
     "LoraRecipe",
@@ -162,6 +166,7 @@ class LoraRecipe:
             TRAINABLE_PARAMS: float(self.parameters.trainable),
             TOTAL_PARAMS: float(self.parameters.total),
             TRAINABLE_PERCENT: self.parameters.trainable_percent,
+            PARAMETER_MEMORY_GIB: self.workers.max(self.parameter_bytes / 2**30),
             SETUP_TIME_S: time.perf_counter() - self._started,
             FIRST_STEP_AT: time.time(),
         }
@@ -169,12 +174,28 @@ class LoraRecipe:
         self._throughput.restart_window()
 
     def _setup_model(self) -> None:
-        """The frozen base with its adapter, on this worker's device: sharded, fast-pathed and compiled."""
+        """The frozen base with its adapter, on this worker's device: sharded, fast-pathed and compiled.
+
+        One worker loads the base with `from_pretrained`; N workers build it on the meta device, shard it
+        and load only their own part (`raylora.shards`), so that no rank holds the whole base.
+        """
         cfg, workers = self.config, self.workers
-        model = load_base_model(cfg.model, qlora=cfg.adapter.qlora, device=workers.device)
-        model, self.target_modules = apply_lora(
-            model, cfg.adapter, activation_checkpointing=activation_checkpointing(cfg)
-        )
+        sharded = workers.world_size > 1
+        if sharded:
+            problem = sharded_adapter_problem(cfg.adapter, workers.world_size)
+            if problem:
+                raise ConfigError(problem)
+            if workers.device.type == "cpu":
+                return_freed_blocks()  # gathered layers come and go in host memory (distributed.py says why)
+            model = base_skeleton(cfg.model, qlora=cfg.adapter.qlora)
+        else:
+            model = load_base_model(cfg.model, qlora=cfg.adapter.qlora, device=workers.device)
+        # The adapter's initial weights come from this seed on every rank and in every worker count.
+        torch.manual_seed(cfg.training.seed)
+        with adapters_on_cpu(model, cfg.adapter) if sharded else contextlib.nullcontext():
+            model, self.target_modules = apply_lora(
+                model, cfg.adapter, activation_checkpointing=activation_checkpointing(cfg)
+            )
         # The same arithmetic as peft's LoRA layers, keeping each adapted layer's input once instead of a
         # dropped copy per layer, with dropout masks drawn from per-layer seeds (raylora.fastpath says why).
         install_lean_lora(model)
@@ -184,11 +205,18 @@ class LoraRecipe:
         )
         seed_dropout(model, self.dropout_seeds, cfg.data.max_length)
         if cfg.training.fp8:
+            # On a meta base the fp8 layers are placeholders; `load_shards` quantises each weight whole.
             convert_to_float8(decoder_layers(model))
+        if sharded:
+            pack_for_sharding(model)
+            shard_with_fsdp2(model)
+            load_shards(model, workers)
+        else:
+            model.to(
+                workers.device
+            )  # LoRA weights are created on the CPU; the base already sits on the device
         self.parameters: ParameterCount = count_parameters(model)
-        model.to(workers.device)  # LoRA weights are created on the CPU; the base already sits on the device
-        if workers.world_size > 1:
-            shard_with_fsdp2(model, qlora=cfg.adapter.qlora)
+        self.parameter_bytes = local_parameter_bytes(model)
         self.model = model
         self.head_loss: Callable | None = None  # the chunked loss's eager path
         backend = compile_backend(cfg.training.compile, workers)
@@ -398,18 +426,13 @@ def activation_checkpointing(config: FinetuneConfig) -> float:
 
 
 def check_fp8(workers: Workers) -> None:
-    """`training.fp8` needs one worker (sharding the fp8 weights with FSDP2 is neither built nor tested) and,
-    on a GPU, FP8 tensor cores. The CPU runs it too (slowly: it checks the arithmetic, it is not a speed-up
-    there).
+    """`training.fp8` needs, on a GPU, FP8 tensor cores. The CPU runs it too (slowly: it checks the
+    arithmetic, it is not a speed-up there). Under FSDP2 the fp8 weights are sharded and all-gathered as fp8
+    (half the bytes of bf16), each with the per-tensor scale of its whole matrix (`raylora.shards`).
 
     Raises:
-        ConfigError: several workers, or a GPU without FP8 tensor cores.
+        ConfigError: a GPU without FP8 tensor cores.
     """
-    if workers.world_size > 1:
-        raise ConfigError(
-            f"`training.fp8` runs on one worker, but this trial has {workers.world_size}; "
-            "set `resources.workers=1` or turn `training.fp8` off"
-        )
     if workers.device.type == "cuda":
         capability = torch.cuda.get_device_capability(workers.device)
         if capability < (8, 9):
@@ -423,12 +446,12 @@ def check_fp8(workers: Workers) -> None:
 def compile_backend(mode: str, workers: Workers) -> str | None:
     """The torch.compile backend for the decoder layers, or None to run them eagerly.
 
-    `auto` compiles on a single GPU only: on the CPU inductor's compile time (tens of seconds per graph)
-    outweighs what it saves on small models, and compiled layers under FSDP2 have not been checked for
-    loss parity with one worker.
+    `auto` compiles on GPUs, one worker or several (each FSDP2 unit's hooks stay outside the compiled layer;
+    the 2-worker test checks compiled layers against one worker's loss). On the CPU inductor's compile time
+    (tens of seconds per graph) outweighs what it saves on small models.
     """
     if mode == "auto":
-        return "inductor" if workers.device.type == "cuda" and workers.world_size == 1 else None
+        return "inductor" if workers.device.type == "cuda" else None
     return None if mode == "off" else mode
 
 

@@ -11,6 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import kernel_swaps  # noqa: E402
+import scaling  # noqa: E402
 import step_profile  # noqa: E402
 import throughput as tp  # noqa: E402
 
@@ -100,3 +101,21 @@ def test_library_swap_ends_with_its_row(monkeypatch):
 )
 def test_profile_kernel_classes(kernel, kind):
     assert step_profile.kernel_class(kernel) == kind
+
+
+def test_the_streamed_checkpoint_loads_as_written_and_is_counted_right(tmp_path):
+    # The base no GPU holds is written one layer at a time; its small twin must load through the user's
+    # path (`from_pretrained`) with every tensor present and the size the benchmark prints.
+    from raylora.config import ModelConfig
+    from raylora.model import load_base_model
+
+    ckpt = scaling.write_streamed_checkpoint("tiny-70b", tmp_path, layers=3)
+    base = load_base_model(ModelConfig(name_or_path=str(ckpt), dtype="bfloat16"), qlora=False)
+    config = scaling.shape_config("tiny-70b", 3)
+    assert base.config.num_hidden_layers == 3
+    assert sum(p.numel() for p in base.parameters()) == scaling.parameter_count(config, tp.VOCAB)
+    assert float(base.model.norm.weight.float().mean()) == 1.0
+    assert 0.015 < float(base.lm_head.weight.float().std()) < 0.025
+    # the full-size shape: more than one H200 (139 GiB) holds in bf16
+    big = scaling.parameter_count(scaling.shape_config("70b", None), tp.VOCAB)
+    assert 79.0e9 < big < 79.2e9 and big * 2 / 2**30 > 139

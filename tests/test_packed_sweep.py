@@ -75,7 +75,7 @@ def test_a_packed_sweep_under_asha_trains_what_each_trial_trains_alone(tmp_path)
     by_lr: dict[float, list] = {}
     for trial in result.trials:
         by_lr.setdefault(trial.config["training.learning_rate"], []).append(trial)
-    assert len(result.trials) == 4 and not any(t.status == "ERROR" for t in result.trials), result.table()
+    assert len(result.trials) == 4 and not any(t.status == "FAILED" for t in result.trials), result.table()
     finished = [t for t in by_lr[4e-3] if t.step == 40]
     assert finished, result.table()
     assert any(t.step < 40 for t in by_lr[1e-7]), f"ASHA stopped no hopeless trial early:\n{result.table()}"
@@ -129,7 +129,7 @@ def test_when_the_engine_dies_its_trials_resume_from_their_checkpoints(tmp_path)
     result = run_sweep(sweep, callbacks=[killer], verbose=0)
 
     assert killer.killed_at == 10
-    assert all(t.status != "ERROR" and t.step == 30 for t in result.trials), result.table()
+    assert all(t.status == "FINISHED" and t.step == 30 for t in result.trials), result.table()
     # Each trial reports every eval once: a restart from step 0 would report step 10 again.
     assert all(steps == [10, 20, 30] for steps in killer.steps.values()), killer.steps
 

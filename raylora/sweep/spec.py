@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raylora.config import ConfigError, FinetuneConfig
+from raylora.config import ConfigError, FinetuneConfig, sharded_adapter_problem
 from raylora.names import EVAL_LOSS, REPORTED_METRICS
 
 __all__ = [
@@ -284,11 +284,10 @@ class Sweep:
         """Rules between the sweep, its resources and its base config."""
         problems: list[str] = []
         workers = self.resources.workers
-        if self.base.training.fp8 is True and isinstance(workers, int) and workers > 1:
-            problems.append(
-                f"`training.fp8` runs a trial on one worker, but `resources.workers` is {workers}; "
-                "set `resources.workers=1` or turn `training.fp8` off"
-            )
+        if isinstance(workers, int):
+            problem = sharded_adapter_problem(self.base.adapter, workers)
+            if problem:
+                problems.append(problem)
         if self.scheduler == "asha" and isinstance(self.grace_period, int):
             steps = self.base.training.max_steps
             if isinstance(steps, int) and self.grace_period > steps:
