@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from raylora.config import ConfigError, FinetuneConfig
 from raylora.distributed import Workers
-from raylora.names import ADAPTER_RUN_CONFIG, CHECKPOINT_STATE_FILE
+from raylora.names import ADAPTER_RUN_CONFIG, CHECKPOINT_STATE_FILE, RUN_CONFIG_MODEL_PLAN
 
 __all__ = ["latest_checkpoint", "load_checkpoint", "save_adapter", "save_checkpoint"]
 
@@ -50,9 +50,13 @@ def save_adapter(
     target_modules: list[str],
     directory: Path,
     workers: Workers,
+    *,
+    model_plan: dict[str, str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """An adapter directory that loads on its own: peft weights and config, tokenizer, the resolved run config.
 
+    `raylora_config.json` holds the run config, the resolved target modules and, when given, `model_plan`
+    (`raylora.model.ModelPlan.as_params`: attention kernel, adapted experts, weights QLoRA left unquantised).
     A collective under FSDP2: every rank must call it. Returns the adapter weights under this model's own
     parameter names (rank 0), for the trainer state.
     """
@@ -61,9 +65,10 @@ def save_adapter(
         directory.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(str(directory), state_dict=state)
         tokenizer.save_pretrained(str(directory))
-        _write_json(
-            directory / ADAPTER_RUN_CONFIG, {**config.to_dict(), "resolved_target_modules": target_modules}
-        )
+        run_config = {**config.to_dict(), "resolved_target_modules": target_modules}
+        if model_plan is not None:
+            run_config[RUN_CONFIG_MODEL_PLAN] = model_plan
+        _write_json(directory / ADAPTER_RUN_CONFIG, run_config)
     return state
 
 
@@ -76,11 +81,15 @@ def save_checkpoint(
     step: int,
     config: FinetuneConfig,
     workers: Workers,
+    *,
+    model_plan: dict[str, str] | None = None,
 ) -> Path:
     """Write `output_dir/checkpoints/step-NNNNNN/` and return it; older checkpoints beyond the last two go."""
     root = Path(config.training.output_dir) / "checkpoints"
     directory = root / f"{_CHECKPOINT_PREFIX}{step:06d}"
-    adapter_state = save_adapter(model, tokenizer, config, target_modules, directory, workers)
+    adapter_state = save_adapter(
+        model, tokenizer, config, target_modules, directory, workers, model_plan=model_plan
+    )
     optimizer_state = get_optimizer_state_dict(model, optimizer, options=_FULL)
     if workers.is_main:
         state = {

@@ -18,6 +18,7 @@ __all__ = [
     "NUM_NODES",
     "PEAK_MEMORY_GIB",
     "REPORTED_METRICS",
+    "RUN_CONFIG_MODEL_PLAN",
     "SETUP_TIME_S",
     "STEP",
     "TOKENS_PER_SEC",
@@ -65,3 +66,5 @@ NUM_NODES = "num_nodes"
 CHECKPOINT_STATE_FILE = "trainer_state.pt"
 # Beside the adapter weights: the run config and the resolved target modules.
 ADAPTER_RUN_CONFIG = "raylora_config.json"
+# Its key for what the run did with the base model (attention kernel, adapted experts, unquantised weights).
+RUN_CONFIG_MODEL_PLAN = "model_plan"

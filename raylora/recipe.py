@@ -23,6 +23,7 @@ its own slice of each global batch.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import resource
@@ -44,6 +45,7 @@ from raylora.model import (
     apply_lora,
     count_parameters,
     decoder_layers,
+    describe_base,
     load_base_model,
     load_tokenizer,
 )
@@ -62,6 +64,8 @@ from raylora.names import (
     TRAINABLE_PARAMS,
     TRAINABLE_PERCENT,
 )
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["LoraRecipe", "NonFiniteLossError", "activation_checkpointing", "evaluate_loss", "lr_schedule"]
 
@@ -144,7 +148,15 @@ class LoraRecipe:
     def _setup_model(self) -> None:
         """The frozen base with its adapter, on this worker's device: sharded, fast-pathed and compiled."""
         cfg, workers = self.config, self.workers
-        model = load_base_model(cfg.model, qlora=cfg.adapter.qlora, device=workers.device)
+        model = load_base_model(
+            cfg.model, qlora=cfg.adapter.qlora, device=workers.device, adapter=cfg.adapter
+        )
+        # What this run does with its base (attention kernel, adapted experts, unquantised weights), measured
+        # on the loaded model; it goes beside every saved adapter, and from there to the trial's MLflow params.
+        self.model_plan = describe_base(model, cfg.model, cfg.adapter)
+        if workers.is_main:
+            for note in self.model_plan.notes():
+                logger.info("%s", note)
         model, self.target_modules = apply_lora(
             model, cfg.adapter, activation_checkpointing=activation_checkpointing(cfg)
         )
@@ -272,13 +284,22 @@ class LoraRecipe:
             self.global_step,
             self.config,
             self.workers,
+            model_plan=self.model_plan.as_params(),
         )
         self._throughput.restart_window()
         return str(directory) if self.workers.is_main else None
 
     def save_adapter(self, directory: Path) -> Path:
         """Write the adapter (loadable by plain peft) to `directory`; a collective under FSDP2."""
-        save_adapter(self.model, self.tokenizer, self.config, self.target_modules, directory, self.workers)
+        save_adapter(
+            self.model,
+            self.tokenizer,
+            self.config,
+            self.target_modules,
+            directory,
+            self.workers,
+            model_plan=self.model_plan.as_params(),
+        )
         self.workers.barrier()
         return directory
 

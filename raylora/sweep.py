@@ -251,7 +251,8 @@ class Sweep:
 
         Args:
             against_model: also check every candidate of the model-dependent fields (target modules,
-                QLoRA, max length) against the base model's config.json, without loading weights. Needs
+                QLoRA, dropout, max length, packing) against the base model's config.json, without loading
+                weights. Needs
                 the checkpoint (or the hub) to be reachable from this process; `run_sweep` does it.
         """
         problems = self.problems()
@@ -266,12 +267,22 @@ class Sweep:
 
         problems: list[str] = []
         seen: set[str] = set()
-        for sampled in _candidate_configs(
-            self.search_space, ("adapter.target_modules", "adapter.qlora", "data.max_length")
-        ):
+        model_fields = (
+            "adapter.target_modules",
+            "adapter.qlora",
+            "adapter.dropout",
+            "data.max_length",
+            "data.packing",
+        )
+        for sampled in _candidate_configs(self.search_space, model_fields):
             config = self.trial_config(sampled)
             try:
-                check_model(config.model, config.adapter, max_length=config.data.max_length)
+                check_model(
+                    config.model,
+                    config.adapter,
+                    max_length=config.data.max_length,
+                    packing=config.data.packing,
+                )
             except ConfigError as error:
                 where = ", ".join(f"{k}={v!r}" for k, v in sampled.items()) or "the base config"
                 for problem in error.problems:

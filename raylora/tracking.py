@@ -36,6 +36,7 @@ from raylora.names import (
     LEARNING_RATE,
     NUM_NODES,
     PEAK_MEMORY_GIB,
+    RUN_CONFIG_MODEL_PLAN,
     STEP,
     TOKENS_PER_SEC,
     TOKENS_SEEN,
@@ -341,10 +342,16 @@ class MlflowTracker(tune.Callback):
     def _log_resolved_targets(self, run_id: str, trial_id: str, checkpoint: str) -> None:
         run_config = Path(checkpoint) / ADAPTER_RUN_CONFIG
         if run_config.exists():
-            resolved = json.loads(run_config.read_text()).get("resolved_target_modules", [])
-            text = ",".join(resolved)[:6000]
+            from mlflow.entities import Param
+
+            written = json.loads(run_config.read_text())
+            params = {"target_modules_resolved": ",".join(written.get("resolved_target_modules", []))[:6000]}
+            # What the trial did with its base: attention kernel, adapted experts, weights QLoRA left unquantised.
+            for key, value in (written.get(RUN_CONFIG_MODEL_PLAN) or {}).items():
+                params[f"model.{key}"] = str(value)[:6000]
             self._call(
-                "log resolved targets", lambda: self.client.log_param(run_id, "target_modules_resolved", text)
+                "log resolved targets",
+                lambda: self.client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()]),
             )
             self._resolved_logged.add(trial_id)
 
@@ -543,8 +550,9 @@ def load_adapter(run_id: str, *, tracking_uri: str | None = None, device: str | 
     local = client.download_artifacts(run_id, "adapter", tempfile.mkdtemp(prefix="raylora-load-"))
     run_config = json.loads((Path(local) / ADAPTER_RUN_CONFIG).read_text())
     run_config.pop("resolved_target_modules", None)
+    run_config.pop(RUN_CONFIG_MODEL_PLAN, None)
     config = FinetuneConfig.from_dict(run_config)
-    base = load_base_model(config.model, qlora=config.adapter.qlora, device=device)
+    base = load_base_model(config.model, qlora=config.adapter.qlora, device=device, adapter=config.adapter)
     model = PeftModel.from_pretrained(base, local)
     model.eval()
     return model, AutoTokenizer.from_pretrained(local)

@@ -17,7 +17,7 @@ from typing import Protocol
 
 from raylora.checkpoint import latest_checkpoint
 from raylora.config import ConfigError, FinetuneConfig
-from raylora.model import ParameterCount, check_model
+from raylora.model import ModelPlan, ParameterCount, plan_model
 from raylora.names import (
     EVAL_LOSS,
     EVAL_PERPLEXITY,
@@ -116,27 +116,41 @@ def train(
     )
 
 
-def validate_with_model(config: FinetuneConfig) -> None:
+def validate_with_model(config: FinetuneConfig) -> ModelPlan | None:
     """Every field check and every model-dependent check (from config.json alone, no weights), in one error.
 
     The model checks run only when the fields they read are sound, so a bad field is not reported twice.
+
+    Returns:
+        The model plan (`raylora.model.plan_model`: attention kernel, targets, unquantised weights).
 
     Raises:
         ConfigError: every problem found.
     """
     problems: list[str] = []
+    plan = None
     try:
         config.validate()
     except ConfigError as error:
         problems.extend(error.problems)
-    needed = ("`model.", "`adapter.target_modules`", "`adapter.modules_to_save`", "`data.max_length`")
+    needed = (
+        "`model.",
+        "`adapter.target_modules`",
+        "`adapter.modules_to_save`",
+        "`adapter.dropout`",
+        "`adapter.peft_kwargs`",
+        "`data.max_length`",
+    )
     if not any(problem.startswith(needed) for problem in problems):
         try:
-            check_model(config.model, config.adapter, max_length=config.data.max_length)
+            plan = plan_model(
+                config.model, config.adapter, max_length=config.data.max_length, packing=config.data.packing
+            )
         except ConfigError as error:
             problems.extend(error.problems)
     if problems:
         raise ConfigError(problems)
+    return plan
 
 
 def evaluate_adapter(config: FinetuneConfig, adapter_dir: str | os.PathLike[str]) -> float:
@@ -156,7 +170,9 @@ def evaluate_adapter(config: FinetuneConfig, adapter_dir: str | os.PathLike[str]
     workers = Workers.detect()
     torch.manual_seed(config.training.seed)
     tokenizer = load_tokenizer(config.model)
-    base = load_base_model(config.model, qlora=config.adapter.qlora, device=workers.device)
+    base = load_base_model(
+        config.model, qlora=config.adapter.qlora, device=workers.device, adapter=config.adapter
+    )
     data = load_data(config.data, tokenizer, seed=config.training.seed)
     model = PeftModel.from_pretrained(base, str(adapter_dir)).to(workers.device)
     return evaluate_loss(

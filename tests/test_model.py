@@ -199,7 +199,9 @@ def test_gpt2_attention_preset_does_not_take_the_mlp_c_proj(checkpoints):
     assert len(resolve_target_modules(base, ["c_proj"])) == 2 * LAYERS
 
 
-def test_architecture_without_presets_takes_all_linear_and_refuses_attention():
+def test_presets_come_from_module_names_on_an_architecture_outside_any_table():
+    # BLOOM is in no table: its `attention` and `mlp` presets come from the module names (self_attention.*,
+    # mlp.*), as on every causal LM (tests/test_architectures.py covers them all).
     from transformers import AutoModelForCausalLM, BloomConfig
 
     model = AutoModelForCausalLM.from_config(
@@ -207,10 +209,30 @@ def test_architecture_without_presets_takes_all_linear_and_refuses_attention():
     )
     assert linear_layer_names(model) == ["dense", "dense_4h_to_h", "dense_h_to_4h", "query_key_value"]
     assert len(resolve_target_modules(model, "all-linear")) == 4 * LAYERS  # no lm_head
+    assert resolve_target_modules(model, "attention") == sorted(
+        f"transformer.h.{i}.self_attention.{name}"
+        for i in range(LAYERS)
+        for name in ("dense", "query_key_value")
+    )
+    assert resolve_target_modules(model, "mlp") == sorted(
+        f"transformer.h.{i}.mlp.{name}" for i in range(LAYERS) for name in ("dense_4h_to_h", "dense_h_to_4h")
+    )
+
+
+def test_attention_preset_without_attention_lists_the_linear_layers():
+    # Mamba has no attention block: `attention` is refused with the model's linear layers to choose from.
+    from transformers import AutoModelForCausalLM, MambaConfig
+
+    model = AutoModelForCausalLM.from_config(
+        MambaConfig(hidden_size=H, num_hidden_layers=LAYERS, vocab_size=VOCAB, state_size=4)
+    )
     with pytest.raises(
-        ConfigError, match=r"`adapter.target_modules` is 'attention'.*model_type 'bloom'.*dense_4h_to_h"
+        ConfigError,
+        match=r"`adapter.target_modules` is 'attention', but no attention projection of this mamba model can "
+        r"be recognised.*its linear layers are: dt_proj, in_proj, out_proj, x_proj",
     ):
         resolve_target_modules(model, "attention")
+    assert len(resolve_target_modules(model, "all-linear")) == 4 * LAYERS
 
 
 # --------------------------------------------------------------------------------------------------------

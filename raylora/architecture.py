@@ -1,0 +1,138 @@
+"""What a checkpoint's architecture does, measured on a tiny random copy before any weight loads.
+
+Some properties that decide whether a run is sound cannot be read from config.json: whether the model is
+causal at all (BERT-style LM heads attend both ways unless `is_decoder` is set), and whether documents
+packed into one row stay apart. Packing (`data.packing`) lays several documents end to end with position
+ids restarting at 0 for each and no attention mask; transformers turns restarting position ids into a
+block-diagonal mask, but only for architectures that build their masks through it: ALiBi models (BLOOM,
+MPT), models that derive positions from the attention mask (OPT, BioGPT), and every recurrent or
+convolutional token mixer (Mamba, RWKV, the linear-attention layers of Qwen3-Next) let a document see the
+one before it. A table of such architectures would be out of date with the next transformers release.
+
+So `check_architecture` builds the checkpoint's own architecture and options at tiny sizes
+(`raylora.tiny.tiny_config`: width 64, two to four layers) with random weights, in fp32 on the CPU, and
+measures: the logits before the last position must not change when the last token does (causal), and the
+logits of two documents packed into one row must equal those of each document alone (packing). Both
+differences are exactly 0 up to fp32 rounding (relative 4e-7 at most, measured over every causal LM of
+transformers 5.24) or clearly not (2.6e-4 relative at the least), so the threshold of 1e-5 separates
+them. The result is cached per (config, attention implementation): a sweep checks each once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+__all__ = ["LEAK_TOLERANCE", "ArchitectureCheck", "check_architecture"]
+
+# Largest logit difference, relative to max(1, largest logit), still counted as fp32 rounding.
+LEAK_TOLERANCE = 1e-5
+# The probe's documents: token ids from the tiny vocabulary's byte range, two documents of these lengths.
+_DOCUMENTS = (5, 7)
+_cache: dict[tuple[str, str | None], ArchitectureCheck] = {}
+
+
+@dataclass(frozen=True)
+class ArchitectureCheck:
+    """What a tiny random copy of an architecture showed; None where it could not be measured."""
+
+    model_type: str
+    attn_implementation: str | None  # what transformers chose for the copy
+    causal: bool | None
+    causal_leak: float | None  # relative change of earlier logits when the last token changes
+    packing_isolated: bool | None
+    packing_leak: float | None  # relative difference of packed and lone documents' logits
+    error: str | None = None  # why no copy could be built or run
+
+    def packing_problem(self) -> str | None:
+        """Why `data.packing` cannot be used with this architecture, or None when it can."""
+        if self.packing_isolated:
+            return None
+        if self.packing_isolated is None:
+            return (
+                f"`data.packing` is true, but raylora could not check that packed documents stay apart in this "
+                f"{self.model_type} model (no tiny copy of it could be run: {self.error}); set `data.packing` "
+                "to false"
+            )
+        return (
+            f"`data.packing` is true, but this {self.model_type} model lets packed documents see each other: "
+            f"on a tiny random copy of it the logits of a document packed behind another differ from the "
+            f"same document alone by {self.packing_leak:.1e} (relative), so it does not honour the restarting "
+            "position ids that packing relies on (ALiBi or mask-derived positions, or a recurrent or "
+            "convolutional token mixer); set `data.packing` to false"
+        )
+
+
+def check_architecture(config: PretrainedConfig, attn_implementation: str | None = None) -> ArchitectureCheck:
+    """Build a tiny random copy of `config`'s architecture and measure causality and packing isolation.
+
+    Args:
+        config: the checkpoint's config (no weights are read).
+        attn_implementation: the attention kernel the run will use (None: transformers' default choice);
+            only ``eager`` and ``sdpa`` run on the CPU, so any other is measured with transformers' default.
+
+    Returns:
+        The measurement; with `error` set and the measured fields None when no copy could be built or run
+        (a size relation the tiny copy does not know about is not a property of the architecture).
+    """
+    attn = attn_implementation if attn_implementation in ("eager", "sdpa") else None
+    key = (config.to_json_string(use_diff=False), attn)
+    if key not in _cache:
+        _cache[key] = _measure(config, attn)
+    return _cache[key]
+
+
+def _measure(config: PretrainedConfig, attn: str | None) -> ArchitectureCheck:
+    from transformers import AutoModelForCausalLM
+
+    from raylora.tiny import tiny_config
+
+    model_type = str(getattr(config, "model_type", type(config).__name__))
+
+    def unknown(error: Exception) -> ArchitectureCheck:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        return ArchitectureCheck(
+            model_type, None, None, None, None, None, f"{type(error).__name__}: {reason}"[:300]
+        )
+
+    try:
+        small = tiny_config(config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(small, attn_implementation=attn, dtype=torch.float32)
+        model.eval()
+        generator = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, 256, (1, sum(_DOCUMENTS)), generator=generator)
+        changed = ids.clone()
+        changed[0, -1] = (changed[0, -1] + 7) % 256
+        first = _DOCUMENTS[0]
+        positions = torch.cat([torch.arange(n) for n in _DOCUMENTS])[None]
+        with torch.no_grad():
+            logits = _logits(model, ids)
+            scale = max(1.0, float(logits.abs().max()))
+            causal_leak = float((logits[0, :-1] - _logits(model, changed)[0, :-1]).abs().max()) / scale
+            packed = _logits(model, ids, positions)
+            alone = torch.cat([_logits(model, ids[:, :first]), _logits(model, ids[:, first:])], dim=1)
+            packing_leak = float((packed - alone).abs().max()) / scale
+    except Exception as error:  # whatever the copy raises says nothing about the real checkpoint
+        return unknown(error)
+    chosen = getattr(model.config, "_attn_implementation", None)
+    return ArchitectureCheck(
+        model_type,
+        chosen,
+        causal_leak <= LEAK_TOLERANCE,
+        causal_leak,
+        packing_leak <= LEAK_TOLERANCE,
+        packing_leak,
+    )
+
+
+def _logits(model: torch.nn.Module, ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    # As the loss calls it for a packed batch: no attention mask, position ids restarting per document, no
+    # cache (with a cache, transformers skips its packed-sequence detection).
+    return model(input_ids=ids, position_ids=positions, attention_mask=None, use_cache=False).logits.float()
