@@ -20,6 +20,7 @@ them. The result is cached per (config, attention implementation): a sweep check
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -48,6 +49,12 @@ class ArchitectureCheck:
     packing_isolated: bool | None
     packing_leak: float | None  # relative difference of packed and lone documents' logits
     error: str | None = None  # why no copy could be built or run
+    # Linear layers of the copy, as path patterns with indices as `*`, through which no gradient passes in a
+    # forward and backward pass: never called (the model reads the weight directly, as Jamba's dt_proj, or
+    # does not use the layer on text), or feeding only a non-differentiable choice (a sparse-attention
+    # indexer's top-k). A LoRA on them would get no gradient. A pattern counts only if none of its layers
+    # (experts, say) gets one.
+    uncalled_linears: frozenset[str] = frozenset()
 
     def packing_problem(self) -> str | None:
         """Why `data.packing` cannot be used with this architecture, or None when it can."""
@@ -81,7 +88,7 @@ def check_architecture(config: PretrainedConfig, attn_implementation: str | None
         (a size relation the tiny copy does not know about is not a property of the architecture).
     """
     attn = attn_implementation if attn_implementation in ("eager", "sdpa") else None
-    key = (config.to_json_string(use_diff=False), attn)
+    key = (_config_key(config), attn)
     if key not in _cache:
         _cache[key] = _measure(config, attn)
     return _cache[key]
@@ -106,6 +113,7 @@ def _measure(config: PretrainedConfig, attn: str | None) -> ArchitectureCheck:
             torch.manual_seed(0)
             model = AutoModelForCausalLM.from_config(small, attn_implementation=attn, dtype=torch.float32)
         model.eval()
+        called = _record_calls(model)
         generator = torch.Generator().manual_seed(0)
         ids = torch.randint(0, 256, (1, sum(_DOCUMENTS)), generator=generator)
         changed = ids.clone()
@@ -121,7 +129,12 @@ def _measure(config: PretrainedConfig, attn: str | None) -> ArchitectureCheck:
             packing_leak = float((packed - alone).abs().max()) / scale
     except Exception as error:  # whatever the copy raises says nothing about the real checkpoint
         return unknown(error)
+    try:
+        trained = _linears_with_gradients(model, ids, called)
+    except Exception:  # no backward on the copy: nothing is left out on its account
+        trained = set(_linear_paths(model))
     chosen = getattr(model.config, "_attn_implementation", None)
+    all_linears = {_pattern(path) for path in _linear_paths(model)}
     return ArchitectureCheck(
         model_type,
         chosen,
@@ -129,10 +142,73 @@ def _measure(config: PretrainedConfig, attn: str | None) -> ArchitectureCheck:
         causal_leak,
         packing_leak <= LEAK_TOLERANCE,
         packing_leak,
+        uncalled_linears=frozenset(all_linears - {_pattern(p) for p in trained}),
     )
+
+
+def _pattern(path: str) -> str:
+    return ".".join("*" if part.isdigit() else part for part in path.split("."))
+
+
+def _linear_paths(model: torch.nn.Module) -> list[str]:
+    from transformers.pytorch_utils import Conv1D
+
+    return [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear | Conv1D)]
+
+
+def _linears_with_gradients(model: torch.nn.Module, ids: torch.Tensor, called: set[str]) -> set[str]:
+    """Paths of the called linear layers whose weight gets a nonzero gradient from a next-token loss."""
+    from transformers.pytorch_utils import Conv1D
+
+    called.clear()
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear | Conv1D)}
+    model.requires_grad_(False)
+    for module in linears.values():
+        module.weight.requires_grad_(True)
+    model.train()
+    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    model.eval()
+    return {
+        n
+        for n, m in linears.items()
+        if n in called and m.weight.grad is not None and bool(m.weight.grad.any())
+    }
+
+
+def _record_calls(model: torch.nn.Module) -> set[str]:
+    """Paths of the linear layers whose forward runs, filled in as the model is called."""
+    from transformers.pytorch_utils import Conv1D
+
+    called: set[str] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear | Conv1D):
+            module.register_forward_hook(lambda m, args, out, name=name: called.add(name))
+    return called
 
 
 def _logits(model: torch.nn.Module, ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
     # As the loss calls it for a packed batch: no attention mask, position ids restarting per document, no
     # cache (with a cache, transformers skips its packed-sequence detection).
     return model(input_ids=ids, position_ids=positions, attention_mask=None, use_cache=False).logits.float()
+
+
+# Config entries that say how a copy was loaded, not what the architecture is.
+_LOADING_KEYS = {
+    "dtype",
+    "torch_dtype",
+    "use_cache",
+    "transformers_version",
+    "_name_or_path",
+    "quantization_config",
+}
+
+
+def _config_key(config: PretrainedConfig) -> str:
+    def strip(d: dict) -> dict:
+        return {
+            k: strip(v) if isinstance(v, dict) else v
+            for k, v in d.items()
+            if k not in _LOADING_KEYS and not str(k).startswith("_attn_implementation")
+        }
+
+    return json.dumps(strip(config.to_dict()), sort_keys=True, default=str)

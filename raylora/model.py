@@ -230,7 +230,7 @@ def _device_map(device: torch.device | str | None) -> dict[str, Any] | None:
     return None if device is None else {"": torch.device(device)}
 
 
-def _bnb_config() -> Any:
+def _bnb_config(skip: list[str] | None = None) -> Any:
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
@@ -239,7 +239,35 @@ def _bnb_config() -> Any:
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16,
         bnb_4bit_quant_storage=torch.bfloat16,
+        llm_int8_skip_modules=skip,
     )
+
+
+def _read_directly(model: torch.nn.Module) -> list[str]:
+    """Linear layers whose weight the model's own code reads as a value (a Mamba mixer's dt_proj, x_proj,
+    out_proj): bitsandbytes' packed 4-bit storage there would be read as if it were the matrix."""
+    from raylora.targets import _kernel_mixer_reads
+
+    modules = dict(model.named_modules())
+    found = []
+    for path in linear_layers(model):
+        parent_path, _, leaf = path.rpartition(".")
+        if parent_path in modules and leaf in _kernel_mixer_reads(modules[parent_path]):
+            found.append(path)
+    return found
+
+
+def _qlora_skip(skeleton: torch.nn.Module) -> list[str] | None:
+    """`llm_int8_skip_modules` for the 4-bit load: None (transformers' own default: the head and tied
+    weights) unless some layer must stay unquantised; then that default plus those layers."""
+    keep = _read_directly(skeleton)
+    if not keep:
+        return None
+    try:
+        from transformers.quantizers.base import get_keys_to_not_convert
+    except ImportError:  # older transformers keep it with the integrations
+        from transformers.integrations import get_keys_to_not_convert
+    return sorted(set(get_keys_to_not_convert(skeleton)) | set(keep))
 
 
 def _attn_kwarg(model: ModelConfig) -> str | None:
@@ -302,7 +330,11 @@ def load_base_model(
         raise ConfigError(problem)
     if qlora:
         if not prequantized:
-            kwargs["quantization_config"] = _bnb_config()
+            from transformers import AutoModelForCausalLM as _Auto
+
+            with torch.device("meta"):
+                skeleton = _Auto.from_config(model_config, trust_remote_code=model.trust_remote_code)
+            kwargs["quantization_config"] = _bnb_config(_qlora_skip(skeleton))
         kwargs["dtype"] = _DTYPES.get(model.dtype, torch.bfloat16)
     else:
         kwargs["dtype"] = "auto" if model.dtype == "auto" else _DTYPES[model.dtype]
@@ -395,6 +427,7 @@ def unquantized_weights(
     itemsize = getattr(base, "dtype", torch.bfloat16).itemsize
     groups: dict[tuple[str, str], int] = {}
     quantized = 0
+    read_directly = set(_read_directly(base))
     for path, layer in linear_layers(base).items():
         weight = layer.weight
         count = math.prod(getattr(getattr(weight, "quant_state", None), "shape", None) or weight.shape)
@@ -406,6 +439,8 @@ def unquantized_weights(
                 f"its class {type(layer).__name__} subclasses torch.nn.Linear, and transformers' bitsandbytes "
                 "integration converts only layers whose type is exactly torch.nn.Linear (or Conv1D)"
             )
+        elif path in read_directly:
+            reason = "the model's code reads its weight directly, which 4-bit storage would break"
         else:
             reason = "transformers keeps it out of 4-bit (the model's last module, or in its skip list)"
         groups[(_pattern(path), reason)] = groups.get((_pattern(path), reason), 0) + count
@@ -534,20 +569,19 @@ def _quantize_experts(model: torch.nn.Module, adapted: tuple[str, ...] | None) -
 
 def _keep_cpu_4bit_layers_on_the_general_kernel(model: torch.nn.Module) -> None:
     """On the CPU, bitsandbytes repacks a Linear4bit's weight for a faster kernel the first time it runs
-    without grad (an eval), and that kernel asserts that the output size is a multiple of 32: a 1-wide
-    `shared_expert_gate` (Qwen2-MoE) or a 24-wide MLA projection crashes the first eval. Such layers keep
-    the general kernel, which is what training already runs."""
+    without grad (an eval), and that repacking assumes an output size that is a multiple of 32 and an input
+    size that is a multiple of the quantisation block (64): otherwise the first eval crashes ("N must be
+    divisible by block_n", or a reshape error), as on Qwen2-MoE's 1-wide `shared_expert_gate` or a narrow
+    expert MLP. Such layers keep the general kernel, which is what training already runs."""
     try:
         import bitsandbytes as bnb
     except Exception:
         return
     for module in model.modules():
-        packable = (
-            module.out_features % 32 == 0 and module.in_features % 2 == 0
-            if isinstance(module, bnb.nn.Linear4bit)
-            else True
-        )
-        if not packable and hasattr(module, "support_avx512bf16_for_cpu"):
+        if not isinstance(module, bnb.nn.Linear4bit) or not hasattr(module, "support_avx512bf16_for_cpu"):
+            continue
+        blocksize = getattr(getattr(module.weight, "quant_state", None), "blocksize", 64) or 64
+        if module.out_features % 32 or module.in_features % blocksize:
             module.support_avx512bf16_for_cpu = False
 
 
@@ -820,6 +854,9 @@ class ModelPlan:
         if self.targets.parameters:
             patterns = sorted({_pattern(p) for p in self.targets.parameters})
             lines.append(f"routed experts adapted through peft target_parameters: {', '.join(patterns)}")
+        if self.targets.skipped:
+            skipped = "; ".join(f"{pattern} ({why})" for pattern, why in self.targets.skipped)
+            lines.append(f"not adapted, a LoRA there would get no gradient: {skipped}")
         if self.unquantized is not None and self.unquantized.params:
             lines.append(f"QLoRA: {self.unquantized.describe()}")
         if self.packing_checked is not None:
@@ -834,6 +871,7 @@ class ModelPlan:
         params = {
             "attn_implementation": self.attn_implementation,
             "expert_targets": ",".join(sorted({_pattern(p) for p in self.targets.parameters})),
+            "skipped_targets": ",".join(pattern for pattern, _ in self.targets.skipped),
         }
         if self.unquantized is not None:
             params["unquantized_params"] = str(self.unquantized.params)
@@ -1046,7 +1084,9 @@ def _plan_quantization(
     and the experts' fate decided as `load_base_model` will."""
     from transformers.quantizers import AutoHfQuantizer
 
-    quantization = getattr(config, "quantization_config", None) if prequantized else _bnb_config()
+    quantization = (
+        getattr(config, "quantization_config", None) if prequantized else _bnb_config(_qlora_skip(skeleton))
+    )
     quantizer = AutoHfQuantizer.from_config(quantization, pre_quantized=prequantized)
     quantizer.preprocess_model(skeleton, device_map=None)
     adapted = set(targets.parameters)

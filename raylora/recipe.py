@@ -99,6 +99,7 @@ class LoraRecipe:
         self.config = config
         self.workers = workers or Workers.detect()
         self.global_step = 0  # optimizer steps done
+        self._gradients_checked = False
         self._started = time.perf_counter()
         self._throughput = _Throughput()
 
@@ -213,6 +214,8 @@ class LoraRecipe:
             )
             (token_loss * scale).backward()
             loss_sum += token_loss.detach()
+        if not self._gradients_checked:
+            self._check_every_adapter_got_a_gradient()
         grad_norm = _clip_and_measure(self.trainable, cfg.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
@@ -228,6 +231,22 @@ class LoraRecipe:
             )
         self._throughput.train_time += time.perf_counter() - started
         return {TRAIN_LOSS: train_loss, GRAD_NORM: grad_norm}
+
+    def _check_every_adapter_got_a_gradient(self) -> None:
+        """After the first backward: a trainable tensor without a gradient belongs to a layer that the model
+        never runs through its LoRA wrapper (it reads the weight directly, on this device's code path), so
+        it would silently never train. Refused at once, naming the layers."""
+        self._gradients_checked = True
+        missing = sorted(
+            name for name, p in self.model.named_parameters() if p.requires_grad and p.grad is None
+        )
+        if missing:
+            shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+            raise ConfigError(
+                f"`adapter.target_modules` is {self.config.adapter.target_modules!r}, but {len(missing)} adapter "
+                f"tensors got no gradient in the first step ({shown}): the model reads those layers' weights "
+                "directly on this device's code path, bypassing LoRA; leave them out of `adapter.target_modules`"
+            )
 
     def train_metrics(self, step_metrics: dict[str, float]) -> dict[str, float]:
         """The train report at a log step: the step's numbers, throughput since the last log, memory, sizes.

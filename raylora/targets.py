@@ -21,7 +21,12 @@ table per architecture:
   routed experts.
 
 A router (``router``, ``gate``, ``shared_expert_gate``) is never in a preset: it decides which experts run,
-and adapting it moves the load balance the experts were trained for. An explicit list may still name one.
+and adapting it moves the load balance the experts were trained for. Nor is a linear layer whose LoRA would
+never see a gradient: one through which a tiny copy of the architecture passes no gradient in a forward and
+backward pass (never called, or feeding only a non-differentiable top-k; `raylora.architecture`), or whose
+weight a Mamba-style mixer hands to its fused CUDA kernel (`out_proj`, `x_proj`, `dt_proj`; peft itself
+refuses `out_proj` on the Mamba models it knows). `Targets.skipped` names them. An explicit list may still
+name any of these; the loop then refuses, at the first step, a layer whose adapter got no gradient.
 Only the language model is searched (`get_decoder()`), so a multimodal model's vision or audio tower, which
 a text run never calls, gets no adapter. `TARGET_PRESETS` keeps the architectures whose names mislead
 these rules (none among those transformers ships today; the table is where one would go).
@@ -85,6 +90,9 @@ class Targets:
 
     modules: tuple[str, ...]
     parameters: tuple[str, ...] = ()
+    # Linear layers a preset leaves out although they match it, as (path pattern, why): a LoRA on them would
+    # get no gradient.
+    skipped: tuple[tuple[str, str], ...] = ()
 
     @property
     def paths(self) -> list[str]:
@@ -268,16 +276,83 @@ def _model_type(model: torch.nn.Module) -> str:
     return str(getattr(config, "model_type", None) or type(model).__name__)
 
 
+# `self.<child>.weight` used as a value: not a look at its dtype, device or shape.
+_WEIGHT_READ = re.compile(
+    r"self\.(\w+)\.weight\b(?!\s*\.\s*(?:dtype|device|shape|data|ndim|requires_grad|size|numel|is_meta)\b)"
+)
+_weight_reads: dict[type, frozenset[str]] = {}
+
+
+def _weights_read_directly(cls: type) -> frozenset[str]:
+    """Children whose weight a method of `cls` (other than its initialisers) uses as a value."""
+    if cls not in _weight_reads:
+        import inspect
+
+        names: set[str] = set()
+        for klass in cls.__mro__:
+            if klass.__module__.startswith("torch."):
+                break
+            for name, function in vars(klass).items():
+                if not inspect.isfunction(function) or "init" in name:
+                    continue
+                try:
+                    names.update(_WEIGHT_READ.findall(inspect.getsource(function)))
+                except (OSError, TypeError):
+                    continue
+        _weight_reads[cls] = frozenset(names)
+    return _weight_reads[cls]
+
+
+def _kernel_mixer_reads(module: torch.nn.Module) -> frozenset[str]:
+    """For a state-space (Mamba-style) mixer, the linear children whose weights its code hands to a fused
+    kernel (`mamba_inner_fn(..., self.x_proj.weight, self.dt_proj.weight, self.out_proj.weight)`) or
+    multiplies itself (Jamba's `self.dt_proj.weight @ ...`): a LoRA around them is skipped on that path, which
+    on a GPU with the kernels installed is the path taken. Recognised by its causal convolution (`conv1d`)."""
+    if not any(isinstance(child, torch.nn.Conv1d) for child in module.children()):
+        return frozenset()
+    return _weights_read_directly(type(module))
+
+
+def _pattern(path: str) -> str:
+    return ".".join("*" if part.isdigit() else part for part in path.split("."))
+
+
+def _bypassed(model: torch.nn.Module, paths: list[str]) -> dict[str, str]:
+    """Linear layers (of `paths`) that a LoRA wrapper would not reach, with the reason, by path."""
+    from raylora.architecture import check_architecture
+
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    modules = dict(base.named_modules())
+    found: dict[str, str] = {}
+    config = getattr(base, "config", None)
+    uncalled: frozenset[str] = frozenset()
+    if config is not None and hasattr(config, "to_json_string"):
+        uncalled = check_architecture(config, getattr(config, "_attn_implementation", None)).uncalled_linears
+    for path in paths:
+        parent_path, _, leaf = path.rpartition(".")
+        parent = modules.get(parent_path)
+        if parent is not None and leaf in _kernel_mixer_reads(parent):
+            found[path] = f"{type(parent).__name__} hands its weight to a fused kernel or reads it directly"
+        elif _pattern(path) in uncalled:
+            found[path] = (
+                "a forward pass never calls it (its weight is read directly, or it is unused on text)"
+            )
+    return found
+
+
 def _preset(model: torch.nn.Module, spec: str) -> Targets:
     """The targets of a preset name, or a ConfigError that lists what the model has."""
     model_type = _model_type(model)
     available = ", ".join(linear_layer_names(model))
-    linears = sorted(path for path in _language_linears(model) if not _is_router(path))
+    candidates = sorted(path for path in _language_linears(model) if not _is_router(path))
+    bypassed = _bypassed(model, candidates)
+    linears = [path for path in candidates if path not in bypassed]
+    skipped = tuple(sorted({(_pattern(p), why) for p, why in bypassed.items()}))
     experts = sorted(expert_parameters(model))
     table = TARGET_PRESETS.get(model_type)
     if table is not None and spec in ("attention", "mlp"):
         found = sorted(path for path in linears if any(_matches(path, s) for s in table[spec]))
-        return Targets(tuple(found), tuple(experts) if spec == "mlp" else ())
+        return Targets(tuple(found), tuple(experts) if spec == "mlp" else (), skipped)
     kinds = _classify(linears)
     if spec == EXPERTS_PRESET:
         if not experts:
@@ -288,7 +363,7 @@ def _preset(model: torch.nn.Module, spec: str) -> Targets:
             )
         return Targets((), tuple(experts))
     if spec == "all-linear":
-        return Targets(tuple(linears), tuple(experts))
+        return Targets(tuple(linears), tuple(experts), skipped)
     if spec == "mlp":
         if not kinds["mlp"] and not experts:
             raise ConfigError(
@@ -296,7 +371,8 @@ def _preset(model: torch.nn.Module, spec: str) -> Targets:
                 f"recognised (no linear layer under an mlp/ffn/feed_forward module); give an explicit list of "
                 f"module names (its linear layers are: {available}), or use 'all-linear'"
             )
-        return Targets(tuple(kinds["mlp"]), tuple(experts))
+        mlp = {_pattern(p) for p in _classify(candidates)["mlp"]}
+        return Targets(tuple(kinds["mlp"]), tuple(experts), tuple(x for x in skipped if x[0] in mlp))
     if not kinds["attention"]:
         raise ConfigError(
             f"`adapter.target_modules` is 'attention', but no attention projection of this {model_type} "
@@ -304,7 +380,8 @@ def _preset(model: torch.nn.Module, spec: str) -> Targets:
             f"a q_proj); give an explicit list of module names (its linear layers are: {available}), or use "
             "'all-linear'"
         )
-    return Targets(tuple(kinds["attention"]))
+    attention = {_pattern(p) for p in _classify(candidates)["attention"]}
+    return Targets(tuple(kinds["attention"]), (), tuple(x for x in skipped if x[0] in attention))
 
 
 def resolve_targets(model: torch.nn.Module, spec: str | list[str]) -> Targets:

@@ -143,6 +143,10 @@ _TINY_SIZES = {
     "n_shared_experts": 1, "first_k_dense_replace": 1,
     "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32, "moe_shared_expert_intermediate_size": 32,
     "shared_intermediate_size": 32, "shared_experts_intermediate_size": 32, "expert_ffn_hidden_size": 32,
+    # state-space (Mamba) mixers: 8 heads of 16 make the expand-2 inner width of 128
+    "mamba_n_heads": 8, "mamba_d_head": 16, "mamba_num_heads": 8, "mamba_head_dim": 16, "mamba_headdim": 16,
+    "mamba_d_ssm": 128, "mamba_d_state": 16, "ssm_state_size": 16, "state_size": 16, "mamba_chunk_size": 32,
+    "mamba_dt_rank": 8, "time_step_rank": 8, "mamba_n_groups": 1, "n_groups": 1,
 }  # fmt: skip
 _LAYER_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers", "encoder_layers")
 # The tiny tokenizer's ids (`_build_tokenizer`: 256 bytes, then <s>, </s>, <pad>) within a 320-token vocabulary.
@@ -229,7 +233,7 @@ def tiny_config_for_type(model_type: str) -> PretrainedConfig:
 
     Tries `tiny_config` of the default config, then the class built directly with the tiny sizes (which
     lets the class derive what depends on them); the first whose model builds on the meta device within
-    `_TINY_MAX_PARAMETERS` wins.
+    `_TINY_MAX_PARAMETERS` and runs a forward pass wins.
 
     Raises:
         RuntimeError: neither way gives a buildable tiny model; the message has both reasons.
@@ -265,6 +269,11 @@ def tiny_config_for_type(model_type: str) -> PretrainedConfig:
             count = sum(p.numel() for p in skeleton.parameters())
             if count > _TINY_MAX_PARAMETERS:
                 raise RuntimeError(f"the tiny copy still has {count:,} parameters")
+            # It must also run: a size relation the shrinking broke shows up only in a forward pass.
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                torch.manual_seed(0)
+                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+                model.eval()(input_ids=torch.arange(3, 11)[None], use_cache=False)
             return config
         except Exception as error:  # any failure of a config class or model constructor: try the next way
             reasons.append(
