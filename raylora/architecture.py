@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -55,6 +56,14 @@ class ArchitectureCheck:
     # indexer's top-k). A LoRA on them would get no gradient. A pattern counts only if none of its layers
     # (experts, say) gets one.
     uncalled_linears: frozenset[str] = frozenset()
+    # Of those, the ones a forward pass never calls at all (their weight may be read directly).
+    never_called: frozenset[str] = frozenset()
+    # Classes that subclass torch.nn.Linear with a forward of their own that is not `x @ W.T + b`
+    # (DeepSeek-V4's block-diagonal grouped projection): peft would wrap them as plain linear layers.
+    irregular_linear_classes: frozenset[str] = frozenset()
+    # Whether a forward and backward pass runs with activation checkpointing on, set up as the loop does it;
+    # None when the architecture declares no support (nothing to try) or the copy could not be run.
+    checkpointing_error: str | None = None
 
     def packing_problem(self) -> str | None:
         """Why `data.packing` cannot be used with this architecture, or None when it can."""
@@ -129,6 +138,7 @@ def _measure(config: PretrainedConfig, attn: str | None) -> ArchitectureCheck:
             packing_leak = float((packed - alone).abs().max()) / scale
     except Exception as error:  # whatever the copy raises says nothing about the real checkpoint
         return unknown(error)
+    ever_called = set(called)
     try:
         trained = _linears_with_gradients(model, ids, called)
     except Exception:  # no backward on the copy: nothing is left out on its account
@@ -143,7 +153,57 @@ def _measure(config: PretrainedConfig, attn: str | None) -> ArchitectureCheck:
         packing_leak <= LEAK_TOLERANCE,
         packing_leak,
         uncalled_linears=frozenset(all_linears - {_pattern(p) for p in trained}),
+        never_called=frozenset(all_linears - {_pattern(p) for p in ever_called}),
+        irregular_linear_classes=_irregular_linear_classes(model),
+        checkpointing_error=_checkpointing_error(model, ids),
     )
+
+
+def _checkpointing_error(model: torch.nn.Module, ids: torch.Tensor) -> str | None:
+    """Why a checkpointed forward and backward fails on the copy (GIT adds position embeddings in place to
+    an output that checkpointing made a leaf requiring grad), or None when it runs or is not offered."""
+    from raylora.model import _enable_activation_checkpointing
+
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        return None
+    try:
+        model.requires_grad_(False)
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.requires_grad_(True)
+        _enable_activation_checkpointing(model, 1.0)
+        model.train()
+        model(input_ids=ids, use_cache=False).logits.float().square().mean().backward()
+    except Exception as error:
+        text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        return f"{type(error).__name__}: {text}"[:300]
+    return None
+
+
+def _irregular_linear_classes(model: torch.nn.Module) -> frozenset[str]:
+    """Names of nn.Linear subclasses in `model` whose forward does not compute `F.linear(x, W, b)`."""
+    found: set[str] = set()
+    checked: set[type] = set()
+    for module in model.modules():
+        cls = type(module)
+        if (
+            not isinstance(module, torch.nn.Linear)
+            or cls.forward is torch.nn.Linear.forward
+            or cls in checked
+        ):
+            continue
+        checked.add(cls)
+        x = torch.randn(3, module.in_features, generator=torch.Generator().manual_seed(0))
+        try:
+            with torch.no_grad():
+                regular = torch.allclose(
+                    module(x), F.linear(x, module.weight, module.bias), atol=1e-5, rtol=1e-4
+                )
+        except Exception:
+            regular = False
+        if not regular:
+            found.add(cls.__name__)
+    return frozenset(found)
 
 
 def _pattern(path: str) -> str:
@@ -166,7 +226,9 @@ def _linears_with_gradients(model: torch.nn.Module, ids: torch.Tensor, called: s
     for module in linears.values():
         module.weight.requires_grad_(True)
     model.train()
-    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    # Any scalar of all the logits reaches every layer on their path; the model's own loss would also
+    # depend on label conventions (image positions, a separate decoder vocabulary) that differ by model.
+    model(input_ids=ids, use_cache=False).logits.float().square().mean().backward()
     model.eval()
     return {
         n

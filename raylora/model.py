@@ -244,15 +244,32 @@ def _bnb_config(skip: list[str] | None = None) -> Any:
 
 
 def _read_directly(model: torch.nn.Module) -> list[str]:
-    """Linear layers whose weight the model's own code reads as a value (a Mamba mixer's dt_proj, x_proj,
-    out_proj): bitsandbytes' packed 4-bit storage there would be read as if it were the matrix."""
-    from raylora.targets import _kernel_mixer_reads
+    """Linear layers whose weight the model's own code uses as a matrix rather than calling the layer: a
+    Mamba mixer's dt_proj, x_proj, out_proj (fused kernels), a router the code multiplies by hand
+    (LongCat's `classifier`, which a tiny copy's forward never calls), a weight RWKV rescales in place.
+    bitsandbytes' packed 4-bit storage there would be read as if it were the matrix."""
+    from raylora.architecture import check_architecture
+    from raylora.targets import _kernel_mixer_reads, _pattern, _rewritten_in_place, _weights_read_directly
 
     modules = dict(model.named_modules())
+    config = getattr(model, "config", None)
+    never_called = (
+        check_architecture(config, getattr(config, "_attn_implementation", None)).never_called
+        if config is not None
+        else frozenset()
+    )
+    rewritten = _rewritten_in_place(model)
     found = []
-    for path in linear_layers(model):
+    for path in linear_layers(model, include_head=True):
         parent_path, _, leaf = path.rpartition(".")
-        if parent_path in modules and leaf in _kernel_mixer_reads(modules[parent_path]):
+        parent = modules.get(parent_path)
+        if parent is None:
+            continue
+        if (
+            leaf in _kernel_mixer_reads(parent)
+            or (leaf in _weights_read_directly(type(parent)) and _pattern(path) in never_called)
+            or any(path.endswith("." + pair) for pair in rewritten)
+        ):
             found.append(path)
     return found
 
@@ -350,8 +367,23 @@ def load_base_model(
         if report.quantized_params == 0:
             raise ConfigError(_nothing_quantised(model.name_or_path, base.config.model_type, report))
     base.requires_grad_(False)
-    base.config.use_cache = False
+    _no_cache(base.config)
     return base
+
+
+def _no_cache(config: PretrainedConfig) -> None:
+    """KV cache off in the config and in every sub-config: a multimodal model's language model reads its own
+    `text_config.use_cache`, and with a cache transformers skips the packed-sequence detection that keeps
+    packed documents apart (and a training step has no use for a cache)."""
+    config.use_cache = False
+    for name in getattr(config, "sub_configs", None) or {}:
+        sub = getattr(config, name, None)
+        if sub is not None and hasattr(sub, "use_cache"):
+            sub.use_cache = False
+    if hasattr(config, "get_text_config"):
+        text = config.get_text_config()
+        if hasattr(text, "use_cache"):
+            text.use_cache = False
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -844,6 +876,7 @@ class ModelPlan:
     targets: Targets
     unquantized: UnquantizedWeights | None  # QLoRA only
     packing_checked: ArchitectureCheck | None = None  # when `data.packing`
+    supports_activation_checkpointing: bool = True
 
     def notes(self) -> list[str]:
         """Human-readable lines: attention kernel, adapted experts, weights QLoRA leaves unquantised."""
@@ -859,6 +892,10 @@ class ModelPlan:
             lines.append(f"not adapted, a LoRA there would get no gradient: {skipped}")
         if self.unquantized is not None and self.unquantized.params:
             lines.append(f"QLoRA: {self.unquantized.describe()}")
+        if not self.supports_activation_checkpointing:
+            lines.append(
+                f"activation checkpointing: {self.model_type} does not support it; training runs without"
+            )
         if self.packing_checked is not None:
             lines.append(
                 "packing: documents stay apart (checked on a tiny copy, difference "
@@ -985,6 +1022,7 @@ def plan_model(
         targets=targets,
         unquantized=unquantized,
         packing_checked=measured if packing else None,
+        supports_activation_checkpointing=bool(getattr(skeleton, "supports_gradient_checkpointing", True)),
     )
 
 

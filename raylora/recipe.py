@@ -158,9 +158,14 @@ class LoraRecipe:
         if workers.is_main:
             for note in self.model_plan.notes():
                 logger.info("%s", note)
-        model, self.target_modules = apply_lora(
-            model, cfg.adapter, activation_checkpointing=activation_checkpointing(cfg)
-        )
+        checkpointing = activation_checkpointing(cfg)
+        if checkpointing and not self._checkpointing_works(model):
+            # Only the QLoRA default gets here: an explicit setting is refused by validate_with_model.
+            logger.warning(
+                "%s cannot run with activation checkpointing; training without it", type(model).__name__
+            )
+            checkpointing = 0.0
+        model, self.target_modules = apply_lora(model, cfg.adapter, activation_checkpointing=checkpointing)
         # The same arithmetic as peft's LoRA layers, keeping each adapted layer's input once instead of a
         # dropped copy per layer (raylora.fastpath says why).
         install_lean_lora(model)
@@ -181,6 +186,18 @@ class LoraRecipe:
             torch._dynamo.reset()
             compile_layers(decoder_layers(model), backend)
             self.head_loss = compiled_head_loss(backend)
+
+    def _checkpointing_works(self, model: torch.nn.Module) -> bool:
+        """Declared by the architecture and measured on a tiny copy of it (`raylora.architecture`)."""
+        from raylora.architecture import check_architecture
+
+        if not getattr(model, "supports_gradient_checkpointing", True):
+            return False
+        config = model.config
+        return (
+            check_architecture(config, getattr(config, "_attn_implementation", None)).checkpointing_error
+            is None
+        )
 
     # ---- one optimizer step --------------------------------------------------------------------------------
 

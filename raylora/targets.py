@@ -313,6 +313,36 @@ def _kernel_mixer_reads(module: torch.nn.Module) -> frozenset[str]:
     return _weights_read_directly(type(module))
 
 
+# `a.b.weight.mul_(...)` and the like: code that rewrites a layer's weight in place (RWKV rescales two
+# layers of each block when it switches to eval mode), which a LoRA on the layer would not follow.
+_WEIGHT_REWRITE = re.compile(r"\.(\w+)\.(\w+)\.weight(?:\.data)?\.(?:mul_|div_|add_|sub_|copy_)\(")
+_rewrites: dict[type, frozenset[str]] = {}
+
+
+def _rewritten_in_place(model: torch.nn.Module) -> frozenset[str]:
+    """`parent.child` name pairs whose weight some module class of `model` rewrites in place."""
+    import inspect
+
+    found: set[str] = set()
+    for cls in {type(m) for m in model.modules()}:
+        if cls not in _rewrites:
+            names: set[str] = set()
+            for klass in cls.__mro__:
+                if klass.__module__.startswith("torch."):
+                    break
+                for name, function in vars(klass).items():
+                    if inspect.isfunction(function) and "init" not in name:
+                        try:
+                            names.update(
+                                ".".join(m) for m in _WEIGHT_REWRITE.findall(inspect.getsource(function))
+                            )
+                        except (OSError, TypeError):
+                            continue
+            _rewrites[cls] = frozenset(names)
+        found |= _rewrites[cls]
+    return frozenset(found)
+
+
 def _pattern(path: str) -> str:
     return ".".join("*" if part.isdigit() else part for part in path.split("."))
 
@@ -326,12 +356,25 @@ def _bypassed(model: torch.nn.Module, paths: list[str]) -> dict[str, str]:
     found: dict[str, str] = {}
     config = getattr(base, "config", None)
     uncalled: frozenset[str] = frozenset()
+    irregular: frozenset[str] = frozenset()
     if config is not None and hasattr(config, "to_json_string"):
-        uncalled = check_architecture(config, getattr(config, "_attn_implementation", None)).uncalled_linears
+        measured = check_architecture(config, getattr(config, "_attn_implementation", None))
+        uncalled, irregular = measured.uncalled_linears, measured.irregular_linear_classes
+    rewritten = _rewritten_in_place(base)
     for path in paths:
         parent_path, _, leaf = path.rpartition(".")
         parent = modules.get(parent_path)
-        if parent is not None and leaf in _kernel_mixer_reads(parent):
+        layer = modules.get(path)
+        base_layer = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+        if type(base_layer).__name__ in irregular:
+            found[path] = (
+                f"its class {type(base_layer).__name__} is a torch.nn.Linear whose forward is not x @ W.T + b"
+            )
+        elif any(path.endswith("." + pair) for pair in rewritten):
+            found[path] = (
+                "the model rewrites its weight in place (eval-time rescaling), which a LoRA would not follow"
+            )
+        elif parent is not None and leaf in _kernel_mixer_reads(parent):
             found[path] = f"{type(parent).__name__} hands its weight to a fused kernel or reads it directly"
         elif _pattern(path) in uncalled:
             found[path] = (

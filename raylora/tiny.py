@@ -140,7 +140,7 @@ _TINY_SIZES = {
     "linear_key_head_dim": 16, "linear_value_head_dim": 16, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
     "num_local_experts": 4, "num_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4,
     "num_experts_per_tok": 2, "num_experts_per_token": 2, "moe_topk": 2, "moe_k": 2, "n_group": 1, "topk_group": 1,
-    "n_shared_experts": 1, "first_k_dense_replace": 1,
+    "n_shared_experts": 1, "first_k_dense_replace": 1, "zero_expert_num": 1,
     "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32, "moe_shared_expert_intermediate_size": 32,
     "shared_intermediate_size": 32, "shared_experts_intermediate_size": 32, "expert_ffn_hidden_size": 32,
     # state-space (Mamba) mixers: 8 heads of 16 make the expand-2 inner width of 128
@@ -171,7 +171,7 @@ def _shrink(d: dict[str, Any], sub_configs: dict[str, dict[str, Any]]) -> dict[s
         k: v
         for k, v in d.items()
         if layers and layers > 1 and isinstance(v, list | str) and len(v) == layers and k != "model_type"
-        and len(set(map(str, v))) < len(v)
+        and len(set(map(str, v))) < len(v) and not (isinstance(v, str) and len(set(v)) > 4)
     }  # fmt: skip
     # Lists of layer indices (`full_attn_idxs`, `moe_layers`): kept where they fall inside the new depth.
     index_lists = {
@@ -273,7 +273,10 @@ def tiny_config_for_type(model_type: str) -> PretrainedConfig:
             with torch.random.fork_rng(devices=[]), torch.no_grad():
                 torch.manual_seed(0)
                 model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-                model.eval()(input_ids=torch.arange(3, 11)[None], use_cache=False)
+                ids = torch.arange(2 * 48).remainder(250).reshape(2, 48) + 3
+                mask = torch.ones_like(ids)
+                mask[1, 40:] = 0  # a right-padded row, as the loop's batches have
+                model.eval()(input_ids=ids, attention_mask=mask, use_cache=False)
             return config
         except Exception as error:  # any failure of a config class or model constructor: try the next way
             reasons.append(

@@ -148,6 +148,17 @@ def validate_with_model(config: FinetuneConfig) -> ModelPlan | None:
             )
         except ConfigError as error:
             problems.extend(error.problems)
+    checkpointing = config.training.activation_checkpointing
+    if (
+        plan is not None
+        and not plan.supports_activation_checkpointing
+        and checkpointing not in (None, False, 0)
+    ):
+        problems.append(
+            f"`training.activation_checkpointing` is {checkpointing!r}, but this {plan.model_type} model cannot "
+            "run with activation checkpointing (transformers offers none for it, or a tiny copy fails with it on); "
+            "set it to false"
+        )
     if problems:
         raise ConfigError(problems)
     return plan

@@ -114,7 +114,7 @@ def markdown(results: list[dict]) -> str:
         "through raylora's own path with `target_modules='all-linear'`: LoRA, QLoRA (4-bit NF4), and LoRA with",
         "`data.packing`. *trains*: two optimizer steps with a finite loss, every adapter tensor received a",
         "gradient, the eval loss is finite (LoRA: the saved adapter loads with plain peft and gives the same",
-        "logits; packing: a packed document's logits equal the document's alone, after training). *refused*:",
+        "loss; packing: a packed document's logits equal the document's alone, after training). *refused*:",
         "raylora says why before any weight loads (the reasons are listed below the table).",
         "",
         f"transformers {transformers.__version__}, peft {peft.__version__}, bitsandbytes {bitsandbytes.__version__},"

@@ -232,7 +232,15 @@ def test_attention_preset_without_attention_lists_the_linear_layers():
         r"be recognised.*its linear layers are: dt_proj, in_proj, out_proj, x_proj",
     ):
         resolve_target_modules(model, "attention")
-    assert len(resolve_target_modules(model, "all-linear")) == 4 * LAYERS
+    # Mamba's mixer hands x_proj, dt_proj and out_proj to its fused CUDA kernel as weights (the CPU path also
+    # reads dt_proj.weight directly): a LoRA there would be skipped, so all-linear leaves them out, by name.
+    from raylora.targets import resolve_targets
+
+    targets = resolve_targets(model, "all-linear")
+    assert targets.modules == tuple(f"backbone.layers.{i}.mixer.in_proj" for i in range(LAYERS))
+    assert [pattern for pattern, _ in targets.skipped] == [
+        f"backbone.layers.*.mixer.{name}" for name in ("dt_proj", "out_proj", "x_proj")
+    ]
 
 
 # --------------------------------------------------------------------------------------------------------
