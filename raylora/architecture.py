@@ -99,15 +99,14 @@ def check_architecture(config: PretrainedConfig, attn_implementation: str | None
     attn = attn_implementation if attn_implementation in ("eager", "sdpa") else None
     key = (_config_key(config), attn)
     if key not in _cache:
-        _cache[key] = _measure(config, attn)
+        # The global RNG is left as it was (dropout in the gradient pass draws from it): whether a run finds
+        # the result cached must not change its adapter's initial weights.
+        with torch.random.fork_rng(devices=[]):
+            _cache[key] = _measure(config, attn)
     return _cache[key]
 
 
 def _measure(config: PretrainedConfig, attn: str | None) -> ArchitectureCheck:
-    from transformers import AutoModelForCausalLM
-
-    from raylora.tiny import tiny_config
-
     model_type = str(getattr(config, "model_type", type(config).__name__))
 
     def unknown(error: Exception) -> ArchitectureCheck:
@@ -117,10 +116,7 @@ def _measure(config: PretrainedConfig, attn: str | None) -> ArchitectureCheck:
         )
 
     try:
-        small = tiny_config(config)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model = AutoModelForCausalLM.from_config(small, attn_implementation=attn, dtype=torch.float32)
+        model = _tiny_model(config, attn)
         model.eval()
         called = _record_calls(model)
         generator = torch.Generator().manual_seed(0)
@@ -246,6 +242,27 @@ def _record_calls(model: torch.nn.Module) -> set[str]:
         if isinstance(module, torch.nn.Linear | Conv1D):
             module.register_forward_hook(lambda m, args, out, name=name: called.add(name))
     return called
+
+
+def _tiny_model(config: PretrainedConfig, attn: str | None) -> torch.nn.Module:
+    """A random fp32 copy of the architecture at tiny sizes; a checkpoint already that small as it is, when
+    cutting its sizes further breaks one of its own size rules."""
+    from transformers import AutoModelForCausalLM
+
+    from raylora.tiny import _TINY_MAX_PARAMETERS, tiny_config
+
+    def build(cfg: PretrainedConfig) -> torch.nn.Module:
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=torch.float32)
+
+    try:
+        return build(tiny_config(config))
+    except Exception:
+        with torch.device("meta"):
+            count = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+        if count > _TINY_MAX_PARAMETERS:
+            raise
+        return build(config)
 
 
 def _logits(model: torch.nn.Module, ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:

@@ -894,7 +894,8 @@ class ModelPlan:
             lines.append(f"QLoRA: {self.unquantized.describe()}")
         if not self.supports_activation_checkpointing:
             lines.append(
-                f"activation checkpointing: {self.model_type} does not support it; training runs without"
+                f"activation checkpointing: {self.model_type} cannot run with it (QLoRA, which turns it on by "
+                "default, then trains without; asking for it is refused)"
             )
         if self.packing_checked is not None:
             lines.append(
@@ -1022,7 +1023,8 @@ def plan_model(
         targets=targets,
         unquantized=unquantized,
         packing_checked=measured if packing else None,
-        supports_activation_checkpointing=bool(getattr(skeleton, "supports_gradient_checkpointing", True)),
+        supports_activation_checkpointing=bool(getattr(skeleton, "supports_gradient_checkpointing", True))
+        and measured.checkpointing_error is None,
     )
 
 
@@ -1033,7 +1035,7 @@ def _qlora_refused(problems: list[str]) -> bool:
 
 def _not_a_causal_lm(config: PretrainedConfig, name: str, trust_remote_code: bool) -> str | None:
     """Why `config` is not a decoder-only causal LM that transformers can build, or None."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     model_type = str(getattr(config, "model_type", type(config).__name__))
     if getattr(config, "is_encoder_decoder", False):
@@ -1042,11 +1044,12 @@ def _not_a_causal_lm(config: PretrainedConfig, name: str, trust_remote_code: boo
             "raylora trains causal LMs (decoder-only models such as Llama, Qwen, Mistral, GPT-2)"
         )
     remote = trust_remote_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
-    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not remote:
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING and not remote:
         return (
             f"`model.name_or_path` is {name!r}, a {model_type} model, for which transformers has no causal-LM "
-            "class (an encoder, an encoder-decoder or another kind of model); raylora trains causal LMs "
-            "(decoder-only models such as Llama, Qwen, Mistral, GPT-2)"
+            f"class (AutoModelForCausalLM does not take a {type(config).__name__}: an encoder, an "
+            "encoder-decoder or another kind of model); raylora trains causal LMs (decoder-only models such "
+            "as Llama, Qwen, Mistral, GPT-2)"
         )
     return None
 

@@ -146,6 +146,11 @@ def _config(checkpoint: str, data: Path, output: Path, mode: str) -> FinetuneCon
     )
 
 
+def _scrub(message: str) -> str:
+    """A message without this machine's temporary paths, so that the table reads the same everywhere."""
+    return re.sub(r"'/[^']*/checkpoint'", "'<tiny checkpoint>'", message)
+
+
 def _refusal(message: str) -> str | None:
     return next((name for name, pattern in REFUSALS.items() if re.match(pattern, message, re.DOTALL)), None)
 
@@ -191,7 +196,7 @@ def _run_mode(
         plan = validate_with_model(config)
     except ConfigError as error:
         message = error.problems[0] if len(error.problems) == 1 else str(error)
-        return ModeOutcome("refused", message, _refusal(error.problems[0]))
+        return ModeOutcome("refused", _scrub(message), _refusal(error.problems[0]))
     except Exception as error:  # a crash in the checks themselves
         return ModeOutcome("failed", f"validate: {type(error).__name__}: {error}"[:600])
     if plan is not None:

@@ -23,16 +23,19 @@ table per architecture:
 A router (``router``, ``gate``, ``shared_expert_gate``) is never in a preset: it decides which experts run,
 and adapting it moves the load balance the experts were trained for. Nor is a linear layer whose LoRA would
 never see a gradient: one through which a tiny copy of the architecture passes no gradient in a forward and
-backward pass (never called, or feeding only a non-differentiable top-k; `raylora.architecture`), or whose
+backward pass (never called, or feeding only a non-differentiable top-k; `raylora.architecture`); one whose
 weight a Mamba-style mixer hands to its fused CUDA kernel (`out_proj`, `x_proj`, `dt_proj`; peft itself
-refuses `out_proj` on the Mamba models it knows). `Targets.skipped` names them. An explicit list may still
-name any of these; the loop then refuses, at the first step, a layer whose adapter got no gradient.
+refuses `out_proj` on the Mamba models it knows); one whose weight the model rewrites in place (RWKV's
+eval-time rescaling); a `torch.nn.Linear` subclass whose forward is not `x @ W.T + b` (DeepSeek-V4's grouped
+projection). `Targets.skipped` names them. An explicit list may still name any of these; the loop then
+refuses, at the first step, a layer whose adapter got no gradient.
 Only the language model is searched (`get_decoder()`), so a multimodal model's vision or audio tower, which
 a text run never calls, gets no adapter. `TARGET_PRESETS` keeps the architectures whose names mislead
 these rules (none among those transformers ships today; the table is where one would go).
 
-Everything here reads module names, types and shapes only, so it runs on a weightless (meta-device) copy of
-the architecture as well as on a loaded model: `raylora.model.check_model` resolves targets before any
+Everything here reads module names, types, shapes and the architecture's source, and the measurements of a
+tiny random copy built from the config, never a weight: it runs on a weightless (meta-device) copy of the
+architecture as well as on a loaded model, so `raylora.model.check_model` resolves targets before any
 weight loads.
 """
 
@@ -378,7 +381,7 @@ def _bypassed(model: torch.nn.Module, paths: list[str]) -> dict[str, str]:
             found[path] = f"{type(parent).__name__} hands its weight to a fused kernel or reads it directly"
         elif _pattern(path) in uncalled:
             found[path] = (
-                "a forward pass never calls it (its weight is read directly, or it is unused on text)"
+                "no gradient reaches it on a tiny copy (never called, read directly, or behind a top-k)"
             )
     return found
 

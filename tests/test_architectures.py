@@ -259,3 +259,90 @@ def test_encoder_decoder_and_non_causal_models_are_refused(tmp_path):
     bert.is_decoder = True
     bert.save_pretrained(tmp_path / "bert-decoder")
     check_model(ModelConfig(name_or_path=str(tmp_path / "bert-decoder")), AdapterConfig(), max_length=64)
+
+
+# ---- what the survey found -------------------------------------------------------------------------------------
+
+
+def _skeleton(model_type: str):
+    from transformers import AutoModelForCausalLM
+
+    from raylora.tiny import tiny_config_for_type
+
+    config = tiny_config_for_type(model_type)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "left_out", "why"),
+    [
+        # Jamba multiplies by dt_proj.weight itself; the mixer's CUDA kernel takes the weights of all three
+        ("jamba", "model.layers.*.mamba.dt_proj", "hands its weight to a fused kernel or reads it directly"),
+        # a sparse-attention indexer only feeds a top-k: called, but no gradient passes through it
+        ("axk2", "model.layers.*.self_attn.indexer.wk", "no gradient reaches it on a tiny copy"),
+        # RWKV rescales these two weights in place when it switches to eval mode
+        ("rwkv", "rwkv.blocks.*.attention.output", "rewrites its weight in place"),
+        # DeepSeek-V4's grouped output projection subclasses nn.Linear with a block-diagonal forward
+        ("deepseek_v4", "model.layers.*.self_attn.o_a_proj", "whose forward is not x @ W.T + b"),
+    ],
+)
+def test_presets_leave_out_layers_a_lora_would_not_reach(model_type, left_out, why):
+    from raylora.targets import resolve_targets
+
+    targets = resolve_targets(_skeleton(model_type), "all-linear")
+    skipped = dict(targets.skipped)
+    assert left_out in skipped and why in skipped[left_out], targets.skipped
+    assert not any(path.replace(".0.", ".*.").replace(".1.", ".*.") == left_out for path in targets.modules)
+
+
+def test_an_adapter_that_gets_no_gradient_is_refused_at_the_first_step(tmp_path):
+    # Named explicitly, Jamba's dt_proj is adapted, and its LoRA never runs: the loop says so at once.
+    from raylora.recipe import LoraRecipe
+    from raylora.tiny import tiny_checkpoint, tiny_config_for_type
+
+    path = tiny_checkpoint(tiny_config_for_type("jamba"), tmp_path / "jamba")
+    config = FinetuneConfig(
+        model=ModelConfig(name_or_path=path, dtype="float32"),
+        data=DataConfig(path="demo", max_length=128),
+        adapter=AdapterConfig(r=2, dropout=0.0, target_modules=["in_proj", "dt_proj"]),
+        training=TrainingConfig(max_steps=2, batch_size=2, warmup_steps=0, output_dir=str(tmp_path / "run")),
+    )
+    recipe = LoraRecipe(config)
+    recipe.setup()
+    with pytest.raises(
+        ConfigError, match=r"adapter tensors got no gradient in the first step \(.*dt_proj\.lora_A"
+    ):
+        recipe.step(recipe.next_batches())
+
+
+def test_packing_stays_apart_on_a_multimodal_wrapper_through_the_loop(tmp_path):
+    # Fuyu's language model reads text_config.use_cache: with a cache on, transformers skips the packed mask.
+    outcome = survey_architecture("fuyu", tmp_path, modes=("packing",))
+    assert outcome.modes["packing"].status == "trained", outcome.modes["packing"].detail
+    base = load_base_model(ModelConfig(name_or_path=str(tmp_path / "checkpoint")), qlora=False)
+    assert base.config.get_text_config().use_cache is False
+
+
+def test_qlora_without_activation_checkpointing_where_the_architecture_cannot(tmp_path):
+    from raylora.tiny import tiny_checkpoint, tiny_config_for_type
+    from raylora.training import validate_with_model
+
+    outcome = survey_architecture("ctrl", tmp_path / "survey", modes=("qlora",))
+    assert outcome.modes["qlora"].status == "trained", outcome.modes["qlora"].detail
+    path = tiny_checkpoint(tiny_config_for_type("ctrl"), tmp_path / "ctrl")
+    config = FinetuneConfig(
+        model=ModelConfig(name_or_path=path),
+        data=DataConfig(path="demo", max_length=128),
+        adapter=AdapterConfig(qlora=True),
+        training=TrainingConfig(activation_checkpointing=True, output_dir=str(tmp_path / "run")),
+    )
+    assert "activation checkpointing: ctrl cannot run with it" in " ".join(
+        validate_with_model(
+            FinetuneConfig(model=config.model, data=config.data, adapter=config.adapter)
+        ).notes()
+    )
+    with pytest.raises(
+        ConfigError, match=r"`training.activation_checkpointing` is True, but this ctrl model cannot"
+    ):
+        validate_with_model(config)
