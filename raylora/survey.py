@@ -33,6 +33,7 @@ __all__ = [
     "ModeOutcome",
     "causal_lm_types",
     "survey_architecture",
+    "survey_in_worker",
 ]
 
 MODES = ("lora", "qlora", "packing")
@@ -183,6 +184,17 @@ def survey_architecture(
         result.seconds = round(time.perf_counter() - started, 2)
         outcome.modes[mode] = result
     return outcome
+
+
+def survey_in_worker(job: tuple[str, str]) -> ArchitectureOutcome:
+    """`survey_architecture(model_type, workdir)` for a worker process (transformers' warnings quiet)."""
+    import warnings
+
+    import transformers
+
+    warnings.filterwarnings("ignore")
+    transformers.logging.set_verbosity_error()
+    return survey_architecture(*job)
 
 
 def _run_mode(
