@@ -330,25 +330,25 @@ def test_packing_stays_apart_on_a_multimodal_wrapper_through_the_loop(tmp_path):
     assert base.config.get_text_config().use_cache is False
 
 
-def test_qlora_without_activation_checkpointing_where_the_architecture_cannot(tmp_path):
+@pytest.mark.parametrize("model_type", ["ctrl", "git"])
+def test_qlora_without_activation_checkpointing_where_the_architecture_cannot(model_type, tmp_path):
+    # CTRL declares no checkpointing; GIT declares it, and a checkpointed step fails (its embedding adds the
+    # position embeddings in place to an output that checkpointing made require grad): measured on a tiny copy.
     from raylora.tiny import tiny_checkpoint, tiny_config_for_type
     from raylora.training import validate_with_model
 
-    outcome = survey_architecture("ctrl", tmp_path / "survey", modes=("qlora",))
+    outcome = survey_architecture(model_type, tmp_path / "survey", modes=("qlora",))
     assert outcome.modes["qlora"].status == "trained", outcome.modes["qlora"].detail
-    path = tiny_checkpoint(tiny_config_for_type("ctrl"), tmp_path / "ctrl")
+    path = tiny_checkpoint(tiny_config_for_type(model_type), tmp_path / model_type)
     config = FinetuneConfig(
         model=ModelConfig(name_or_path=path),
         data=DataConfig(path="demo", max_length=128),
         adapter=AdapterConfig(qlora=True),
         training=TrainingConfig(activation_checkpointing=True, output_dir=str(tmp_path / "run")),
     )
-    assert "activation checkpointing: ctrl cannot run with it" in " ".join(
-        validate_with_model(
-            FinetuneConfig(model=config.model, data=config.data, adapter=config.adapter)
-        ).notes()
-    )
+    plan = validate_with_model(FinetuneConfig(model=config.model, data=config.data, adapter=config.adapter))
+    assert f"activation checkpointing: {model_type} cannot run with it" in " ".join(plan.notes())
     with pytest.raises(
-        ConfigError, match=r"`training.activation_checkpointing` is True, but this ctrl model cannot"
+        ConfigError, match=rf"`training.activation_checkpointing` is True, but this {model_type} model cannot"
     ):
         validate_with_model(config)
