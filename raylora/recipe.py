@@ -184,7 +184,13 @@ class LoraRecipe:
             # past which it silently runs the layers eagerly. Inductor's on-disk cache keeps recompiling a
             # graph it has seen cheap.
             torch._dynamo.reset()
-            compile_layers(decoder_layers(model), backend)
+            layers = [layer for layer in decoder_layers(model) if not _adapts_parameters(layer)]
+            if workers.is_main and len(layers) < len(decoder_layers(model)):
+                # peft's LoRA on fused expert weights registers a fresh parametrization on every forward, a
+                # new module type each time: dynamo recompiles the layer until its limit and then runs it
+                # eagerly anyway (same losses, measured with aot_eager on a tiny Mixtral).
+                logger.info("decoder layers with adapted routed experts run eagerly (not compiled)")
+            compile_layers(layers, backend)
             self.head_loss = compiled_head_loss(backend)
 
     def _checkpointing_works(self, model: torch.nn.Module) -> bool:
@@ -438,6 +444,13 @@ def compile_backend(mode: str, workers: Workers) -> str | None:
     if mode == "auto":
         return "inductor" if workers.device.type == "cuda" and workers.world_size == 1 else None
     return None if mode == "off" else mode
+
+
+def _adapts_parameters(layer: torch.nn.Module) -> bool:
+    """Whether a decoder layer holds peft's LoRA on a parameter (fused routed experts)."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    return any(isinstance(module, ParamWrapper) for module in layer.modules())
 
 
 def _clip_and_measure(parameters: list[torch.nn.Parameter], max_norm: float) -> float:

@@ -181,6 +181,8 @@ def test_one_parent_and_one_child_per_trial_with_their_metrics(tracked_sweep, ml
         ):
             assert key in child.data.params, key
         assert "self_attn.q_proj" in child.data.params["target_modules_resolved"]
+        # what the trial did with its base, from the plan written beside its adapter
+        assert child.data.params["model.attn_implementation"] == "sdpa"
 
 
 def test_no_metric_point_is_lost_with_four_concurrent_trials(tracked_sweep, mlflow_server):
