@@ -50,7 +50,13 @@ from torch.distributed.checkpoint.state_dict import (
 
 from raylora.config import ConfigError, FinetuneConfig
 from raylora.distributed import Workers
-from raylora.names import ADAPTER_RUN_CONFIG, CHECKPOINT_STATE_FILE, METRICS_FILE, RUN_RECORD
+from raylora.names import (
+    ADAPTER_RUN_CONFIG,
+    CHECKPOINT_STATE_FILE,
+    METRICS_FILE,
+    RUN_CONFIG_MODEL_PLAN,
+    RUN_RECORD,
+)
 from raylora.redaction import is_secret_name
 
 __all__ = [
@@ -201,9 +207,13 @@ def save_adapter(
     target_modules: list[str],
     directory: Path,
     workers: Workers,
+    *,
+    model_plan: dict[str, str] | None = None,
 ) -> None:
     """An adapter directory that loads on its own: peft weights and config, tokenizer, the resolved run config.
 
+    `raylora_config.json` holds the run config, the resolved target modules and, when given, `model_plan`
+    (`raylora.model.ModelPlan.as_params`: attention kernel, adapted experts, weights QLoRA left unquantised).
     A collective under FSDP2: every rank must call it; rank 0 writes, atomically.
 
     Raises:
@@ -212,7 +222,7 @@ def save_adapter(
     state = _adapter_state(model)
     if workers.is_main:
         with atomic_directory(directory, needs_bytes=_state_bytes(state)) as temporary:
-            _write_adapter(model, tokenizer, config, target_modules, temporary, state)
+            _write_adapter(model, tokenizer, config, target_modules, temporary, state, model_plan)
 
 
 def _write_adapter(
@@ -222,10 +232,11 @@ def _write_adapter(
     target_modules: list[str],
     directory: Path,
     state: dict[str, torch.Tensor],
+    model_plan: dict[str, str] | None,
 ) -> None:
     resolved = name_base_as_given(model, config.model.name_or_path)
     model.save_pretrained(str(directory), state_dict=state)
-    write_run_files(directory, tokenizer, config, target_modules, loaded_from=resolved)
+    write_run_files(directory, tokenizer, config, target_modules, loaded_from=resolved, model_plan=model_plan)
 
 
 def write_run_files(
@@ -235,8 +246,10 @@ def write_run_files(
     target_modules: list[str],
     *,
     loaded_from: str | None = None,
+    model_plan: dict[str, str] | None = None,
 ) -> None:
-    """What an adapter directory holds beside peft's files: the tokenizer and the resolved run config.
+    """What an adapter directory holds beside peft's files: the tokenizer and the resolved run config (with
+    the run's `model_plan`, when given).
 
     `loaded_from` is where the base was loaded from (`name_base_as_given`): the model card peft writes names
     the base by it too (`base_model:`); it is replaced by the id the user gave. The config is written without
@@ -247,9 +260,10 @@ def write_run_files(
     if loaded_from and loaded_from != name and card.exists():
         card.write_text(card.read_text().replace(loaded_from, name))
     tokenizer.save_pretrained(str(directory))
-    _write_json(
-        directory / ADAPTER_RUN_CONFIG, {**config.to_dict(), "resolved_target_modules": target_modules}
-    )
+    run_config = {**config.to_dict(), "resolved_target_modules": target_modules}
+    if model_plan is not None:
+        run_config[RUN_CONFIG_MODEL_PLAN] = model_plan
+    _write_json(directory / ADAPTER_RUN_CONFIG, run_config)
 
 
 def name_base_as_given(model: torch.nn.Module, name: str) -> str | None:
@@ -277,6 +291,7 @@ def save_checkpoint(
     workers: Workers,
     *,
     counters: dict[str, float] | None = None,
+    model_plan: dict[str, str] | None = None,
 ) -> Path:
     """Write `output_dir/checkpoints/step-NNNNNN/` atomically and return it; then prune (`prune_checkpoints`).
 
@@ -291,7 +306,7 @@ def save_checkpoint(
     if workers.is_main:
         needs = 2 * _state_bytes(adapter_state) + _state_bytes(optimizer_state)
         with atomic_directory(directory, needs_bytes=needs) as temporary:
-            _write_adapter(model, tokenizer, config, target_modules, temporary, adapter_state)
+            _write_adapter(model, tokenizer, config, target_modules, temporary, adapter_state, model_plan)
             write_trainer_state(
                 temporary,
                 step=step,

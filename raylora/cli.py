@@ -50,7 +50,7 @@ def _load_config(path: str | None, overrides: list[str]) -> FinetuneConfig:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from raylora.training import latest_checkpoint, train
+    from raylora.training import latest_checkpoint, train, validate_with_model
 
     config = _load_config(args.config, args.set)
     if args.output_dir:
@@ -77,6 +77,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         f"{config.training.max_steps} steps -> {config.training.output_dir}",
         flush=True,
     )
+    plan = validate_with_model(config)  # from config.json: attention kernel, experts, unquantised weights
+    for note in plan.notes() if plan is not None else []:
+        print(f"  {note}", flush=True)
     result = train(config, resume_from=resume_from)
     params = result.parameters
     if result.start_step >= result.step:

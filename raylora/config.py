@@ -25,6 +25,7 @@ import copy
 import dataclasses
 import functools
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -44,6 +45,8 @@ __all__ = [
 ]
 
 BASE_DTYPES = ("bfloat16", "float16", "float32", "auto")
+# `auto`: sdpa where the architecture supports it, else eager (transformers' own default choice).
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 DATA_FORMATS = ("text", "instruction", "chat")
 LR_SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -248,8 +251,10 @@ class ModelConfig:
         default="bfloat16",
     )
     attn_implementation: str | None = _help(
-        "Attention kernel passed to from_pretrained (sdpa, eager, flash_attention_2); None for the model's default.",
-        default="sdpa",
+        "Attention kernel: auto (sdpa where the architecture supports it, else eager; checked from "
+        "config.json before weights load, and the choice is logged), or one the model must run: sdpa, eager, "
+        "flash_attention_2, flash_attention_3, flex_attention, or a hub kernel (org/name). None means auto.",
+        default="auto",
     )
     trust_remote_code: bool = _help("Allow model code from the hub repository to run.", default=False)
     token: str | None = _help(
@@ -265,6 +270,15 @@ class ModelConfig:
                 f"`model.name_or_path` must name a local directory, hub id or preset, got {self.name_or_path!r}"
             )
         _choice(problems, "model.dtype", self.dtype, BASE_DTYPES)
+        attn = self.attn_implementation
+        if attn is not None and not (
+            isinstance(attn, str)
+            and (attn in ATTN_IMPLEMENTATIONS or re.fullmatch(r"[\w.-]+/[\w.-]+(:\w+)?", attn))
+        ):
+            problems.append(
+                f"`model.attn_implementation` must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, a hub kernel "
+                f"such as 'kernels-community/flash-attn', or None (auto); got {attn!r}"
+            )
         return problems
 
 
@@ -358,8 +372,10 @@ class AdapterConfig:
     )
     dropout: float = _help("Dropout on the LoRA input, in [0, 1).", default=0.05)
     target_modules: str | list[str] = _help(
-        "A preset (`attention`, `mlp`, `all-linear`) resolved per architecture, or a list of module names "
-        '(e.g. ["q_proj", "v_proj"]); every name must match at least one linear layer.',
+        "A preset resolved per architecture from module names and shapes (`attention`, `mlp`, `all-linear`; "
+        "on mixture-of-experts models `mlp` and `all-linear` include the routed experts, and `experts` is "
+        'them alone; routers never), or a list of module names (e.g. ["q_proj", "v_proj"], '
+        '"experts.down_proj"); every name must match at least one linear layer or expert weight.',
         default="attention",
     )
     use_rslora: bool = _help(

@@ -31,6 +31,7 @@ __all__ = [
     "PEAK_MEMORY_GIB",
     "PENDING",
     "REPORTED_METRICS",
+    "RUN_CONFIG_MODEL_PLAN",
     "RUN_RECORD",
     "SETUP_TIME_S",
     "STEP",
@@ -200,3 +201,7 @@ def trial_run_name(values: dict[str, Any]) -> str:
             shown = _short_float(value) if isinstance(value, float) else display_value(value)
             parts.append(f"{name}={shown}")
     return "-".join(parts)
+
+
+# Its key for what the run did with the base model (attention kernel, adapted experts, unquantised weights).
+RUN_CONFIG_MODEL_PLAN = "model_plan"

@@ -238,7 +238,16 @@ class PackedTrainer:
             raise ConfigError([f"adapter {name!r} cannot join the pack: {p}" for p in problems])
         from peft import get_peft_model
 
-        peft_config, targets = lora_config(unwrap(self._current()), config.adapter)
+        peft_config, resolved = lora_config(unwrap(self._current()), config.adapter)
+        if resolved.parameters:
+            # The pack's LoRA rows are routed per linear layer; a routed expert's weight is adapted by peft's
+            # parameter wrapper, which would apply every adapter to every row.
+            raise ConfigError(
+                f"adapter {name!r} cannot join the pack: `adapter.target_modules` "
+                f"{config.adapter.target_modules!r} adapts routed experts, which packed trials do not support; "
+                "set `Sweep(pack=False)`, or target 'attention' to leave the experts out"
+            )
+        targets = resolved.paths
         torch.manual_seed(config.training.seed)  # the adapter's initial weights, as in the solo run
         if self.model is None:
             self.model = get_peft_model(self.base, peft_config, adapter_name=name)

@@ -56,6 +56,7 @@ from raylora.model import (
     apply_lora,
     count_parameters,
     decoder_layers,
+    describe_base,
     load_base_model,
     load_tokenizer,
 )
@@ -121,6 +122,7 @@ class LoraRecipe:
         self.config = config
         self.workers = workers or Workers.detect()
         self.global_step = 0  # optimizer steps done
+        self._gradients_checked = False
         self._started = time.perf_counter()
         self._wall_before = 0.0  # wall time of the attempts before a resume, up to their checkpoint
         self._throughput = _Throughput()
@@ -189,12 +191,28 @@ class LoraRecipe:
                 return_freed_blocks()  # gathered layers come and go in host memory (distributed.py says why)
             model = base_skeleton(cfg.model, qlora=cfg.adapter.qlora)
         else:
-            model = load_base_model(cfg.model, qlora=cfg.adapter.qlora, device=workers.device)
+            model = load_base_model(
+                cfg.model, qlora=cfg.adapter.qlora, device=workers.device, adapter=cfg.adapter
+            )
+        # What this run does with its base (attention kernel, adapted experts, unquantised weights), measured
+        # on the loaded model (on a sharded run, its skeleton); it goes beside every saved adapter, and from
+        # there to the trial's MLflow params.
+        self.model_plan = describe_base(model, cfg.model, cfg.adapter)
+        if workers.is_main:
+            for note in self.model_plan.notes():
+                logger.info("%s", note)
+        checkpointing = activation_checkpointing(cfg)
+        if checkpointing and not self._checkpointing_works(model):
+            # Only the QLoRA default gets here: an explicit setting is refused by validate_with_model.
+            logger.warning(
+                "%s cannot run with activation checkpointing; training without it", type(model).__name__
+            )
+            checkpointing = 0.0
         # The adapter's initial weights come from this seed on every rank and in every worker count.
         torch.manual_seed(cfg.training.seed)
         with adapters_on_cpu(model, cfg.adapter) if sharded else contextlib.nullcontext():
             model, self.target_modules = apply_lora(
-                model, cfg.adapter, activation_checkpointing=activation_checkpointing(cfg)
+                model, cfg.adapter, activation_checkpointing=checkpointing
             )
         # The same arithmetic as peft's LoRA layers, keeping each adapted layer's input once instead of a
         # dropped copy per layer, with dropout masks drawn from per-layer seeds (raylora.fastpath says why).
@@ -226,8 +244,26 @@ class LoraRecipe:
             # past which it silently runs the layers eagerly. Inductor's on-disk cache keeps recompiling a
             # graph it has seen cheap.
             torch._dynamo.reset()
-            compile_layers(decoder_layers(model), backend)
+            layers = [layer for layer in decoder_layers(model) if not _adapts_parameters(layer)]
+            if workers.is_main and len(layers) < len(decoder_layers(model)):
+                # peft's LoRA on fused expert weights registers a fresh parametrization on every forward, a
+                # new module type each time: dynamo recompiles the layer until its limit and then runs it
+                # eagerly anyway (same losses, measured with aot_eager on a tiny Mixtral).
+                logger.info("decoder layers with adapted routed experts run eagerly (not compiled)")
+            compile_layers(layers, backend)
             self.head_loss = compiled_head_loss(backend)
+
+    def _checkpointing_works(self, model: torch.nn.Module) -> bool:
+        """Declared by the architecture and measured on a tiny copy of it (`raylora.architecture`)."""
+        from raylora.architecture import check_architecture
+
+        if not getattr(model, "supports_gradient_checkpointing", True):
+            return False
+        config = model.config
+        return (
+            check_architecture(config, getattr(config, "_attn_implementation", None)).checkpointing_error
+            is None
+        )
 
     # ---- one optimizer step --------------------------------------------------------------------------------
 
@@ -262,6 +298,8 @@ class LoraRecipe:
             )
             (token_loss * scale).backward()
             loss_sum += token_loss.detach()
+        if not self._gradients_checked:
+            self._check_every_adapter_got_a_gradient()
         grad_norm = clip_and_measure(self.trainable, cfg.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]  # the rate this step uses; the scheduler moves on below
         self.optimizer.step()
@@ -278,6 +316,22 @@ class LoraRecipe:
             )
         self._throughput.train_time += time.perf_counter() - started
         return {TRAIN_LOSS: train_loss, GRAD_NORM: grad_norm, LEARNING_RATE: lr}
+
+    def _check_every_adapter_got_a_gradient(self) -> None:
+        """After the first backward: a trainable tensor without a gradient belongs to a layer that the model
+        never runs through its LoRA wrapper (it reads the weight directly, on this device's code path), so
+        it would silently never train. Refused at once, naming the layers."""
+        self._gradients_checked = True
+        missing = sorted(
+            name for name, p in self.model.named_parameters() if p.requires_grad and p.grad is None
+        )
+        if missing:
+            shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+            raise ConfigError(
+                f"`adapter.target_modules` is {self.config.adapter.target_modules!r}, but {len(missing)} adapter "
+                f"tensors got no gradient in the first step ({shown}): the model reads those layers' weights "
+                "directly on this device's code path, bypassing LoRA; leave them out of `adapter.target_modules`"
+            )
 
     def train_metrics(self, step_metrics: dict[str, float]) -> dict[str, float]:
         """The train report at a log step: the step's numbers, throughput since the last log, memory, sizes.
@@ -345,13 +399,22 @@ class LoraRecipe:
             self.config,
             self.workers,
             counters=self.counters(),
+            model_plan=self.model_plan.as_params(),
         )
         self._throughput.restart_window()
         return str(directory) if self.workers.is_main else None
 
     def save_adapter(self, directory: Path) -> Path:
         """Write the adapter (loadable by plain peft) to `directory`; a collective under FSDP2."""
-        save_adapter(self.model, self.tokenizer, self.config, self.target_modules, directory, self.workers)
+        save_adapter(
+            self.model,
+            self.tokenizer,
+            self.config,
+            self.target_modules,
+            directory,
+            self.workers,
+            model_plan=self.model_plan.as_params(),
+        )
         self.workers.barrier()
         return directory
 
@@ -453,6 +516,13 @@ def compile_backend(mode: str, workers: Workers) -> str | None:
     if mode == "auto":
         return "inductor" if workers.device.type == "cuda" else None
     return None if mode == "off" else mode
+
+
+def _adapts_parameters(layer: torch.nn.Module) -> bool:
+    """Whether a decoder layer holds peft's LoRA on a parameter (fused routed experts)."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    return any(isinstance(module, ParamWrapper) for module in layer.modules())
 
 
 def clip_and_measure(parameters: list[torch.nn.Parameter], max_norm: float) -> float:

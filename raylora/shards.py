@@ -55,11 +55,14 @@ import torch
 
 from raylora.config import AdapterConfig, ConfigError, ModelConfig
 from raylora.model import (
+    attention_kernel,
     base_dtype,
     check_quantization,
     check_quantized,
     load_model_config,
     nf4_config,
+    no_kv_cache,
+    qlora_skip_modules,
     resolve_model_path,
 )
 
@@ -102,8 +105,7 @@ def base_skeleton(model: ModelConfig, *, qlora: bool) -> PreTrainedModel:
     dtype = base_dtype(model, qlora=qlora)
     if dtype != "auto":
         kwargs["dtype"] = dtype
-    if model.attn_implementation is not None:
-        kwargs["attn_implementation"] = model.attn_implementation
+    kwargs["attn_implementation"] = attention_kernel(model)
     # Parameters on meta, buffers (rotary frequencies) real: they are small and computed, not loaded.
     with init_empty_weights(include_buffers=False):
         base = AutoModelForCausalLM.from_config(model_config, **kwargs)
@@ -111,13 +113,13 @@ def base_skeleton(model: ModelConfig, *, qlora: bool) -> PreTrainedModel:
     if qlora:
         from transformers.quantizers import AutoHfQuantizer
 
-        quantizer = AutoHfQuantizer.from_config(nf4_config(), pre_quantized=False)
+        quantizer = AutoHfQuantizer.from_config(nf4_config(qlora_skip_modules(base)), pre_quantized=False)
         quantizer.preprocess_model(model=base, dtype=base.dtype, device_map=None, checkpoint_files=None)
         base.hf_quantizer = quantizer
         quantizer.postprocess_model(base)  # marks the model as loaded in 4-bit, which peft reads
         check_quantized(base, model)
     base.requires_grad_(False)
-    base.config.use_cache = False
+    no_kv_cache(base.config)
     base._raylora_sharded_from = model  # what `load_shards` reads the weights of
     return base
 
@@ -134,8 +136,14 @@ def adapters_on_cpu(model: torch.nn.Module, adapter: AdapterConfig) -> Iterator[
     from raylora.model import lora_config
 
     _, targets = lora_config(model, adapter)
+    if targets.parameters:
+        raise ConfigError(
+            f"`adapter.target_modules` {adapter.target_modules!r} adapts routed experts "
+            f"({len(targets.parameters)} fused expert weights, e.g. {targets.parameters[0]}), which sharded "
+            "loading cannot build yet; set `resources.workers=1`, or target 'attention' to leave the experts out"
+        )
     saved: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
-    for path in targets:
+    for path in targets.modules:
         module = model.get_submodule(path)
         for name, param in list(module.named_parameters(recurse=False)):
             if param.is_meta:

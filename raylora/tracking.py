@@ -59,6 +59,7 @@ from raylora.names import (
     LEARNING_RATE,
     NUM_NODES,
     PEAK_MEMORY_GIB,
+    RUN_CONFIG_MODEL_PLAN,
     STEP,
     STOPPED_EARLY,
     TOKENS_PER_SEC,
@@ -803,9 +804,19 @@ class MlflowTracker(tune.Callback):
         self._log_trial_config(trial_id, config, searched)
 
     def _log_trial_config(
-        self, trial_id: str, config: FinetuneConfig, searched: dict, resolved: list | None = None
+        self,
+        trial_id: str,
+        config: FinetuneConfig,
+        searched: dict,
+        resolved: list | None = None,
+        model_plan: dict | None = None,
     ) -> None:
-        """The full resolved config, searched values at full precision and resolved modules, as one JSON file."""
+        """The full resolved config, searched values at full precision, resolved modules and what the trial did
+        with its base, as one JSON file; the model plan (attention kernel, adapted experts, weights QLoRA left
+        unquantised) also as `model.*` params, since it can differ between trials of one sweep."""
+        from mlflow.entities import Param
+
+        run_id = self.trial_runs[trial_id]
         payload = redact(
             {
                 "sweep": self.sweep.name,
@@ -813,9 +824,13 @@ class MlflowTracker(tune.Callback):
                 "searched": searched,
                 "config": config.to_dict(),
                 "resolved_target_modules": resolved,
+                RUN_CONFIG_MODEL_PLAN: model_plan,
             }
         )
-        self.client.log_dict(self.trial_runs[trial_id], payload, TRIAL_CONFIG_ARTIFACT)
+        self.client.log_dict(run_id, payload, TRIAL_CONFIG_ARTIFACT)
+        if model_plan:
+            params = [Param(f"model.{k}", str(v)[:6000]) for k, v in model_plan.items() if str(v)]
+            self.client.log_batch(run_id, params=params)
 
     def _in_run(self, trial_id: str, call: Callable[[str], Any]) -> Callable[[], Any]:
         """A call on the trial's run, whenever the writer gets to it (skipped if the run never came to be)."""
@@ -900,7 +915,7 @@ class MlflowTracker(tune.Callback):
                 self._in_run(
                     trial.trial_id,
                     lambda _run_id: self._log_trial_config(
-                        trial.trial_id, config, searched, _resolved_targets(checkpoint)
+                        trial.trial_id, config, searched, *_written_run_files(checkpoint)
                     ),
                 ),
             )
@@ -1192,14 +1207,15 @@ def _copy_adapter_files(checkpoint, target: Path) -> bool:
     return True
 
 
-def _resolved_targets(checkpoint) -> list[str] | None:
-    """The module paths a trial's adapter resolved to, from its checkpoint's run config."""
+def _written_run_files(checkpoint) -> tuple[list[str] | None, dict | None]:
+    """The module paths a trial's adapter resolved to and its model plan, from its checkpoint's run config."""
     path = f"{checkpoint.path.rstrip('/')}/{ADAPTER_RUN_CONFIG}"
     try:
         with checkpoint.filesystem.open_input_stream(path) as source:
-            return json.loads(source.read()).get("resolved_target_modules")
+            written = json.loads(source.read())
     except (FileNotFoundError, OSError, json.JSONDecodeError):
-        return None
+        return None, None
+    return written.get("resolved_target_modules"), written.get(RUN_CONFIG_MODEL_PLAN)
 
 
 def _rounded(key: str, value: float, best_metric: str) -> float:
@@ -1315,7 +1331,7 @@ def load_adapter(source: str, *, tracking_uri: str | None = None, device: str | 
             f"{source!r} is not in the MLflow store at {uri} ({str(error).splitlines()[0]}); {hint}"
         ) from error
     config = _logged_run_config(Path(local))
-    base = load_base_model(config.model, qlora=config.adapter.qlora, device=device)
+    base = load_base_model(config.model, qlora=config.adapter.qlora, device=device, adapter=config.adapter)
     model = PeftModel.from_pretrained(base, local)
     model.eval()
     return model, AutoTokenizer.from_pretrained(local)
@@ -1329,6 +1345,7 @@ def _logged_run_config(adapter_dir: Path) -> FinetuneConfig:
     """
     run_config = json.loads((adapter_dir / ADAPTER_RUN_CONFIG).read_text())
     run_config.pop("resolved_target_modules", None)
+    run_config.pop(RUN_CONFIG_MODEL_PLAN, None)
     config = FinetuneConfig.from_dict(run_config)
     if config.model.token == REDACTED:
         config.model.token = None

@@ -17,7 +17,7 @@ from typing import Protocol
 
 from raylora.checkpoint import check_output_dir, latest_checkpoint, write_run_record
 from raylora.config import ConfigError, FinetuneConfig
-from raylora.model import ParameterCount, check_model
+from raylora.model import ModelPlan, ParameterCount, plan_model
 from raylora.names import (
     EVAL_LOSS,
     EVAL_PERPLEXITY,
@@ -138,27 +138,52 @@ def train(
     )
 
 
-def validate_with_model(config: FinetuneConfig) -> None:
+def validate_with_model(config: FinetuneConfig) -> ModelPlan | None:
     """Every field check and every model-dependent check (from config.json alone, no weights), in one error.
 
     The model checks run only when the fields they read are sound, so a bad field is not reported twice.
+
+    Returns:
+        The model plan (`raylora.model.plan_model`: attention kernel, targets, unquantised weights).
 
     Raises:
         ConfigError: every problem found.
     """
     problems: list[str] = []
+    plan = None
     try:
         config.validate()
     except ConfigError as error:
         problems.extend(error.problems)
-    needed = ("`model.", "`adapter.target_modules`", "`adapter.modules_to_save`", "`data.max_length`")
+    needed = (
+        "`model.",
+        "`adapter.target_modules`",
+        "`adapter.modules_to_save`",
+        "`adapter.dropout`",
+        "`adapter.peft_kwargs`",
+        "`data.max_length`",
+    )
     if not any(problem.startswith(needed) for problem in problems):
         try:
-            check_model(config.model, config.adapter, max_length=config.data.max_length)
+            plan = plan_model(
+                config.model, config.adapter, max_length=config.data.max_length, packing=config.data.packing
+            )
         except ConfigError as error:
             problems.extend(error.problems)
+    checkpointing = config.training.activation_checkpointing
+    if (
+        plan is not None
+        and not plan.supports_activation_checkpointing
+        and checkpointing not in (None, False, 0)
+    ):
+        problems.append(
+            f"`training.activation_checkpointing` is {checkpointing!r}, but this {plan.model_type} model cannot "
+            "run with activation checkpointing (transformers offers none for it, or a tiny copy fails with it on); "
+            "set it to false"
+        )
     if problems:
         raise ConfigError(problems)
+    return plan
 
 
 def evaluate_adapter(config: FinetuneConfig, adapter_dir: str | os.PathLike[str]) -> float:
@@ -185,7 +210,9 @@ def evaluate_adapter(config: FinetuneConfig, adapter_dir: str | os.PathLike[str]
         check_fp8(workers)
     torch.manual_seed(config.training.seed)
     tokenizer = load_tokenizer(config.model)
-    base = load_base_model(config.model, qlora=config.adapter.qlora, device=workers.device)
+    base = load_base_model(
+        config.model, qlora=config.adapter.qlora, device=workers.device, adapter=config.adapter
+    )
     data = load_data(config.data, tokenizer, seed=config.training.seed)
     # Loaded as trainable, the adapter's weights are told apart from the frozen base's as they were in the
     # run, where `convert_to_float8` turned only the frozen linear layers into fp8 ones.

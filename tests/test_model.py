@@ -199,7 +199,9 @@ def test_gpt2_attention_preset_does_not_take_the_mlp_c_proj(checkpoints):
     assert len(resolve_target_modules(base, ["c_proj"])) == 2 * LAYERS
 
 
-def test_architecture_without_presets_takes_all_linear_and_refuses_attention():
+def test_presets_come_from_module_names_on_an_architecture_outside_any_table():
+    # BLOOM is in no table: its `attention` and `mlp` presets come from the module names (self_attention.*,
+    # mlp.*), as on every causal LM (tests/test_architectures.py covers them all).
     from transformers import AutoModelForCausalLM, BloomConfig
 
     model = AutoModelForCausalLM.from_config(
@@ -207,10 +209,38 @@ def test_architecture_without_presets_takes_all_linear_and_refuses_attention():
     )
     assert linear_layer_names(model) == ["dense", "dense_4h_to_h", "dense_h_to_4h", "query_key_value"]
     assert len(resolve_target_modules(model, "all-linear")) == 4 * LAYERS  # no lm_head
+    assert resolve_target_modules(model, "attention") == sorted(
+        f"transformer.h.{i}.self_attention.{name}"
+        for i in range(LAYERS)
+        for name in ("dense", "query_key_value")
+    )
+    assert resolve_target_modules(model, "mlp") == sorted(
+        f"transformer.h.{i}.mlp.{name}" for i in range(LAYERS) for name in ("dense_4h_to_h", "dense_h_to_4h")
+    )
+
+
+def test_attention_preset_without_attention_lists_the_linear_layers():
+    # Mamba has no attention block: `attention` is refused with the model's linear layers to choose from.
+    from transformers import AutoModelForCausalLM, MambaConfig
+
+    model = AutoModelForCausalLM.from_config(
+        MambaConfig(hidden_size=H, num_hidden_layers=LAYERS, vocab_size=VOCAB, state_size=4)
+    )
     with pytest.raises(
-        ConfigError, match=r"`adapter.target_modules` is 'attention'.*model_type 'bloom'.*dense_4h_to_h"
+        ConfigError,
+        match=r"`adapter.target_modules` is 'attention', but no attention projection of this mamba model can "
+        r"be recognised.*its linear layers are: dt_proj, in_proj, out_proj, x_proj",
     ):
         resolve_target_modules(model, "attention")
+    # Mamba's mixer hands x_proj, dt_proj and out_proj to its fused CUDA kernel as weights (the CPU path also
+    # reads dt_proj.weight directly): a LoRA there would be skipped, so all-linear leaves them out, by name.
+    from raylora.targets import resolve_targets
+
+    targets = resolve_targets(model, "all-linear")
+    assert targets.modules == tuple(f"backbone.layers.{i}.mixer.in_proj" for i in range(LAYERS))
+    assert [pattern for pattern, _ in targets.skipped] == [
+        f"backbone.layers.*.mixer.{name}" for name in ("dt_proj", "out_proj", "x_proj")
+    ]
 
 
 # --------------------------------------------------------------------------------------------------------

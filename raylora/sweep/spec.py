@@ -302,8 +302,8 @@ class Sweep:
 
         Args:
             against_model: also check every candidate of the model-dependent fields (target modules,
-                QLoRA, max length) against each candidate model's config.json, without loading weights, and
-                read every candidate dataset (a missing path or a corrupt file is refused here, not in each
+                QLoRA, dropout, max length, packing) against each candidate model's config.json, without
+                loading weights, and read every candidate dataset (a missing path or a corrupt file is refused here, not in each
                 trial). Needs the checkpoint, the data (or the hub) to be reachable from this process;
                 `run_sweep` does it.
         """
@@ -319,7 +319,13 @@ class Sweep:
         depend on it, from its config.json; and every candidate dataset, read once as the trials will."""
         from raylora.model import check_model
 
-        model_keys = ("adapter.target_modules", "adapter.qlora", "data.max_length")
+        model_keys = (
+            "adapter.target_modules",
+            "adapter.qlora",
+            "adapter.dropout",
+            "data.max_length",
+            "data.packing",
+        )
         model_keys += tuple(k for k in self.search_space if k.startswith("model."))
         problems: list[str] = []
         seen: set[str] = set()
@@ -335,7 +341,12 @@ class Sweep:
         for sampled in _candidate_configs(self.search_space, model_keys):
             config = self.trial_config(sampled)
             try:
-                check_model(config.model, config.adapter, max_length=config.data.max_length)
+                check_model(
+                    config.model,
+                    config.adapter,
+                    max_length=config.data.max_length,
+                    packing=config.data.packing,
+                )
             except ConfigError as error:
                 add(sampled, error.problems)
         data_keys = tuple(k for k in self.search_space if k.startswith("data."))
