@@ -58,6 +58,7 @@ from raylora.names import (
     INTERRUPTED,
     LEARNING_RATE,
     NUM_NODES,
+    PACK_ENGINE,
     PEAK_MEMORY_GIB,
     RUN_CONFIG_MODEL_PLAN,
     STEP,
@@ -458,6 +459,7 @@ class MlflowTracker(tune.Callback):
         self.run_names: dict[str, str] = {}
         self._open: set[str] = set()  # trials whose run is RUNNING
         self._resolved_logged: set[str] = set()
+        self._pack_engines: dict[str, str] = {}  # trial id -> the pack engine last tagged on its run
         # Kept by the Tune hooks (the driver's thread); the writer's calls get copies.
         self._last: dict[str, dict[str, Any]] = {}
         self._best: dict[str, tuple[float, int]] = {}  # trial -> (best value, its step)
@@ -877,6 +879,17 @@ class MlflowTracker(tune.Callback):
             self._in_run(trial.trial_id, lambda run_id: self.client.log_batch(run_id, metrics=points)),
         )
         self._last[trial.trial_id] = {k: v for k, v in result.items() if k != TRAIN_HISTORY}
+        engine = result.get(PACK_ENGINE)
+        if engine and self._pack_engines.get(trial.trial_id) != engine:
+            # Which trials shared a base: a packed trial's runs carry their engine's name (a retry may move it).
+            self._pack_engines[trial.trial_id] = str(engine)
+            self._submit(
+                "tag the pack engine",
+                self._in_run(
+                    trial.trial_id,
+                    lambda run_id: self.client.set_tag(run_id, "raylora.pack_engine", str(engine)),
+                ),
+            )
         value, step = result.get(self.sweep.metric), int(result.get(STEP, 0))
         best = self._best.get(trial.trial_id)
         if best_index([best[0] if best else None, value], self.sweep.mode) == 1:

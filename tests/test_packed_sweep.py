@@ -14,8 +14,9 @@ from ray import tune
 
 from raylora.config import ConfigError, demo_config
 from raylora.names import EVAL_LOSS, PACK_ENGINE, STEP
-from raylora.sweep import Resources, Sweep, run_sweep
+from raylora.sweep import Resources, Sweep, experiment_path, run_sweep
 from raylora.sweep.packing import engine_prefix
+from raylora.tracking import MlflowTracker
 from raylora.training import train
 
 
@@ -70,7 +71,10 @@ def test_a_packed_sweep_under_asha_trains_what_each_trial_trains_alone(tmp_path)
         storage_path=str(tmp_path / "storage"),
         pack=2,
     )
-    result = run_sweep(sweep, verbose=0)
+    tracker = MlflowTracker(
+        sweep, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment_path=experiment_path(sweep)
+    )
+    result = run_sweep(sweep, callbacks=[tracker], verbose=0)
 
     by_lr: dict[float, list] = {}
     for trial in result.trials:
@@ -82,6 +86,14 @@ def test_a_packed_sweep_under_asha_trains_what_each_trial_trains_alone(tmp_path)
     assert len({t.engine for t in result.trials}) == 1 and result.trials[0].engine, result.table()
     assert "engine" in result.table().splitlines()[0]
     assert _engines(sweep.name) == [], "the sweep left its engine running"
+    # MLflow says it too: every trial's run carries the engine it shared.
+    children = tracker.client.search_runs(
+        [tracker.experiment_id], f"tags.`mlflow.parentRunId` = '{tracker.parent_run_id}'"
+    )
+    engines = {
+        run.data.tags["raylora.trial_id"]: run.data.tags.get("raylora.pack_engine") for run in children
+    }
+    assert engines == {t.trial_id: t.engine for t in result.trials}, engines
 
     # Exactly what the trial computes alone (fp32 on the CPU: only the order of sums in shared matmuls
     # differs), through Tune, the relay and the engine.
