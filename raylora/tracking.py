@@ -948,7 +948,8 @@ class MlflowTracker(tune.Callback):
             self._end_trial(trial, STOPPED_EARLY, reason)
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
-        self._end_trial(trial, FAILED, None, error_of=trial)
+        # Read now, from the driver's own copy: storage gets this attempt's error file only at the next sync.
+        self._end_trial(trial, FAILED, _trial_error(trial))
 
     def _summary(self, trial_id: str) -> dict[str, float]:
         """The trial's one-value metrics: size, memory, throughput and time (its best metric: `_end_trial`)."""
@@ -960,7 +961,7 @@ class MlflowTracker(tune.Callback):
             summary[TOKENS_PER_SEC] = summary[TOKENS_SEEN] / float(train_time)
         return {k: _rounded(k, v, self.best_metric) for k, v in summary.items()}
 
-    def _end_trial(self, trial, status: str, reason: str | None, *, error_of=None) -> None:
+    def _end_trial(self, trial, status: str, reason: str | None) -> None:
         """Queue the trial's summaries, its best adapter and the end of its run, as `status` says."""
         from mlflow.entities import Metric, RunTag
 
@@ -978,8 +979,7 @@ class MlflowTracker(tune.Callback):
         run_status = _RUN_STATUS[status]
 
         def end(run_id: str) -> None:
-            text = _trial_error(error_of) if error_of is not None else reason
-            extra = [RunTag("raylora.reason", redact(text)[:5000])] if text else []
+            extra = [RunTag("raylora.reason", redact(reason)[:5000])] if reason else []
             # The trial's best eval over all its evals: those before a --resume too (`best_index`; a tie
             # keeps the earlier one). Its full value in a tag: the sweep's best is chosen on it, unrounded.
             candidates = [self._prior_best.get(trial_id), scored]
@@ -1193,10 +1193,17 @@ def _trial_error(trial) -> str:
     """The error that ended a trial, in one line (the original error, not Ray's wrapper)."""
     from raylora.sweep.summary import error_line
 
+    error = None
     try:
-        error = trial.get_pickled_error() or trial.get_error()
-    except Exception:  # an error file that cannot be read back: say that much
-        error = None
+        # The driver's copy first: the copy in storage is the previous attempt's until Ray syncs this one.
+        local = trial.pickled_error_file
+        if local and Path(local).is_file():
+            import cloudpickle
+
+            error = cloudpickle.loads(Path(local).read_bytes())
+        error = error or trial.get_pickled_error() or trial.get_error()
+    except Exception:  # an error file that cannot be read back: what was read, or say that much below
+        pass
     return error_line(error) if error is not None else "the trial failed (its error could not be read)"
 
 

@@ -405,10 +405,11 @@ def test_no_secret_value_reaches_storage_or_the_mlflow_store(tracked_sweep, mlfl
 
 
 def test_a_masked_token_is_never_sent_to_the_hub(tmp_path):
-    """A logged adapter's config holds `***` for the token: loading it falls back to HF_TOKEN / the login."""
+    """An adapter logged with the token masked (`***`, as MLflow's copy of a config holds it) loads with the
+    token left to HF_TOKEN / the login: the mask is never sent to the hub."""
     config = demo_config()
     config.model.token = "hf_real_token_value"
-    (tmp_path / "raylora_config.json").write_text(json.dumps(redact(config.to_dict())))
+    (tmp_path / "raylora_config.json").write_text(json.dumps(redact(config.to_dict(secrets=True))))
     assert json.loads((tmp_path / "raylora_config.json").read_text())["model"]["token"] == REDACTED
     assert _logged_run_config(tmp_path).model.token is None
 
