@@ -141,6 +141,7 @@ TRIAL_PARAMS = {
     "adapter.qlora": "qlora",
     "training.batch_size": "batch_size",
     "data.max_length": "seq_len",
+    "training.fp8": "fp8",  # the base the adapter trained against: fp8-rounded or not
 }
 WORKERS_PARAM = "workers"  # a sweep's `Resources.workers`, not a config field
 ALPHA_RATIO_PARAM = "alpha_ratio"  # the search space's `adapter.alpha_ratio` pseudo-field

@@ -1311,7 +1311,10 @@ def _dataset_fingerprint(config: FinetuneConfig) -> str:
 def load_adapter(source: str, *, tracking_uri: str | None = None, device: str | None = None):
     """Base model + the adapter a trial run logged, ready for generation; returns (model, tokenizer).
 
-    Loads the base exactly as the trial did (its logged `raylora_config.json`: model id, dtype, QLoRA).
+    Loads the base as the trial did (its logged `raylora_config.json`: model id, dtype, QLoRA). An adapter
+    trained with `training.fp8` loads on the bf16 base, for generation at full precision: it trained against
+    an fp8-rounded copy of those weights, so its outputs differ slightly from the run's (a warning says so;
+    `raylora.training.evaluate_adapter` evaluates it on the fp8 base, as the run's `eval_loss` was).
 
     Args:
         source: a trial's run id, or a registered version: `models:/<sweep>-adapter@best` (an alias) or
@@ -1351,6 +1354,11 @@ def load_adapter(source: str, *, tracking_uri: str | None = None, device: str | 
             f"{source!r} is not in the MLflow store at {uri} ({str(error).splitlines()[0]}); {hint}"
         ) from error
     config = _logged_run_config(Path(local))
+    if config.training.fp8:
+        _warn(
+            f"{source!r} was trained with `training.fp8` against an fp8-rounded base; it is loaded on the bf16 "
+            "base, so its outputs differ slightly from the run's (`evaluate_adapter` uses the fp8 base)"
+        )
     base = load_base_model(config.model, qlora=config.adapter.qlora, device=device, adapter=config.adapter)
     model = PeftModel.from_pretrained(base, local)
     model.eval()

@@ -351,6 +351,18 @@ def test_fp8_training_follows_the_bf16_curve_and_saves_a_plain_adapter(tmp_path)
     # Evaluated afresh, it is on the fp8 base it was trained against: the run's own eval loss, not the bf16
     # base's (which differs by more than the tolerance here).
     assert evaluate_adapter(fp8.config, fp8.adapter_dir) == pytest.approx(fp8.eval[-1], rel=1e-6)
+    # Loaded from MLflow for generation, it sits on the bf16 base, and says so.
+    from mlflow.tracking import MlflowClient
+
+    from raylora.tracking import load_adapter
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=store)
+    run = client.create_run(client.create_experiment("fp8"))
+    client.log_artifacts(run.info.run_id, str(fp8.adapter_dir), "adapter")
+    with pytest.warns(UserWarning, match=r"trained with `training.fp8`.*loaded on the bf16 base"):
+        model, _ = load_adapter(run.info.run_id, tracking_uri=store)
+    assert not any(isinstance(m, Float8Linear) for m in model.modules())
 
 
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])

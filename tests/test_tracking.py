@@ -149,12 +149,14 @@ def test_one_parent_and_one_child_per_trial_with_their_metrics(tracked_sweep, ml
             "qlora",
             "batch_size",
             "seq_len",
+            "fp8",
             "workers",
             # what the trial did with its base, from the plan written beside its adapter (empty parts left out)
             "model.attn_implementation",
         }
         assert child.data.params["model.attn_implementation"] == "sdpa"
         assert child.data.params["lr"] == "0.003" and child.data.params["qlora"] == "false"
+        assert child.data.params["fp8"] == "false"
         assert child.data.tags["raylora.sweep_run"] == parent.info.run_name
         # Curves per step, summaries once: no `final_*` twin of a metric.
         assert set(child.data.metrics) == {
