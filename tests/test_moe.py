@@ -292,3 +292,35 @@ def test_qwen2_moe_qlora_trains_and_evaluates_on_the_cpu(checkpoints, tmp_path):
     recipe.setup()
     assert torch.isfinite(torch.tensor(recipe.step(recipe.next_batches())["train_loss"]))
     assert torch.isfinite(torch.tensor(recipe.evaluate()))
+
+
+def test_sharded_and_packed_trials_refuse_adapted_experts_with_the_reason(checkpoints, tmp_path):
+    """Neither path builds LoRA on fused expert weights yet: each says so, and how to go on, instead of
+    leaving the experts unadapted (sharded) or applying every packed adapter to every row (packed)."""
+    from raylora.packed import PackedTrainer
+    from raylora.shards import adapters_on_cpu, base_skeleton
+
+    model = ModelConfig(name_or_path=checkpoints["mixtral"])
+    experts = AdapterConfig(r=4, dropout=0.0, target_modules="all-linear")
+    skeleton = base_skeleton(model, qlora=False)
+    with (
+        pytest.raises(ConfigError, match=r"adapts routed experts .*set `resources.workers=1`"),
+        adapters_on_cpu(skeleton, experts),
+    ):
+        pass
+    with adapters_on_cpu(skeleton, AdapterConfig(r=4, dropout=0.0, target_modules="attention")):
+        pass  # attention alone builds on the meta base
+
+    config = FinetuneConfig(
+        model=model,
+        data=DataConfig(path="demo", max_length=128),
+        adapter=experts,
+        training=TrainingConfig(
+            max_steps=2, batch_size=2, warmup_steps=0, eval_batches=1, output_dir=str(tmp_path)
+        ),
+    )
+    trainer = PackedTrainer(config)
+    with pytest.raises(
+        ConfigError, match=r"cannot join the pack: .*adapts routed experts.*`Sweep\(pack=False\)`"
+    ):
+        trainer.add("trial_a", config)
