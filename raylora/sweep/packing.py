@@ -31,7 +31,6 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from raylora.config import ConfigError, FinetuneConfig
@@ -46,6 +45,7 @@ from raylora.names import (
     TRAIN_HISTORY,
     WALL_TIME_S,
 )
+from raylora.sweep.trial import local_copy, release_memory
 
 __all__ = ["engine_prefix", "run_packed_trial", "stop_engines"]
 
@@ -362,7 +362,7 @@ def _engine_class():
                     if self._trainer is None:
                         self._trainer = PackedTrainer(config)
                         self._base_bytes = _allocated(self._trainer.workers.device)
-                    resume_dir = _local_copy(checkpoint, config) if checkpoint is not None else None
+                    resume_dir = local_copy(checkpoint, config) if checkpoint is not None else None
                     self._trainer.add(name, config, resume_from=resume_dir)
                 except Exception as error:
                     traceback.print_exc()  # the engine's log (the Ray dashboard's actor logs) keeps the trace
@@ -379,7 +379,7 @@ def _engine_class():
                 if self._trainer is not None:
                     self._trainer.remove(name)
                 shutil.rmtree(member.config.training.output_dir, ignore_errors=True)
-                _release_device_memory()
+                release_memory()
 
         def _drop_abandoned(self) -> None:
             now = time.monotonic()
@@ -446,22 +446,6 @@ def _allocated(device) -> float:
     import torch
 
     return float(torch.cuda.memory_allocated(device))
-
-
-def _release_device_memory() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def _local_copy(checkpoint, config: FinetuneConfig) -> str:
-    target = Path(config.training.output_dir) / "resume"
-    shutil.rmtree(target, ignore_errors=True)
-    return checkpoint.to_directory(str(target))
 
 
 class _LazyEngine:

@@ -27,7 +27,14 @@ from raylora.config import ConfigError, FinetuneConfig
 from raylora.names import EVAL_LOSS, NUM_NODES, TRAIN_HISTORY, WORKER_NODES
 from raylora.sweep.spec import Sweep
 
-__all__ = ["FAILURE_FILE", "RepeatedFailure", "_run_trial", "deterministic_failure"]
+__all__ = [
+    "FAILURE_FILE",
+    "RepeatedFailure",
+    "_run_trial",
+    "deterministic_failure",
+    "local_copy",
+    "release_memory",
+]
 
 # Beside the trial's results in storage: a failure that every attempt of this trial would repeat.
 FAILURE_FILE = "raylora_failure.json"
@@ -73,7 +80,7 @@ def _run_trial(sampled: dict[str, Any], *, sweep_spec: dict[str, Any]) -> None:
             run_packed_trial(config, sweep_spec, trial_id, placement)
         elif workers == 1:
             checkpoint = tune.get_checkpoint()
-            resume_dir = _local_copy(checkpoint, config) if checkpoint else None
+            resume_dir = local_copy(checkpoint, config) if checkpoint else None
             placement = _placement([ray.get_runtime_context().get_node_id()])
             train(config, reporter=_EvalReporter(tune, placement), resume_from=resume_dir)
         else:
@@ -85,7 +92,7 @@ def _run_trial(sampled: dict[str, Any], *, sweep_spec: dict[str, Any]) -> None:
         raise
     finally:
         shutil.rmtree(output_dir, ignore_errors=True)
-        _release_memory()
+        release_memory()
 
 
 def deterministic_failure(error: BaseException, sweep_spec: dict[str, Any]) -> str | None:
@@ -157,7 +164,7 @@ def _raise_recorded_failure(sweep_spec: dict[str, Any], trial_id: str) -> None:
     raise RepeatedFailure(message)
 
 
-def _release_memory() -> None:
+def release_memory() -> None:
     """Free what the finished trial held, so the next trial in this (reused) process starts with a clean device."""
     import gc
 
@@ -168,7 +175,8 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _local_copy(checkpoint, config: FinetuneConfig) -> str:
+def local_copy(checkpoint, config: FinetuneConfig) -> str:
+    """A Tune checkpoint copied into the run's output directory (`resume/`), to resume the loop from."""
     target = Path(config.training.output_dir) / "resume"
     shutil.rmtree(target, ignore_errors=True)
     return checkpoint.to_directory(str(target))
@@ -216,7 +224,7 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     config.training.output_dir = f"{config.training.output_dir}/rank{rank}"
     shutil.rmtree(config.training.output_dir, ignore_errors=True)  # a scratch directory, as in `_run_trial`
     checkpoint = ray.train.get_checkpoint()
-    resume_dir = _local_copy(checkpoint, config) if checkpoint else None
+    resume_dir = local_copy(checkpoint, config) if checkpoint else None
     train(config, reporter=_EvalReporter(ray.train, _placement(nodes)), resume_from=resume_dir)
 
 
