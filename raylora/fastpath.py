@@ -41,7 +41,7 @@ import contextlib
 import hashlib
 import types
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch._inductor.config
@@ -175,37 +175,246 @@ _lora_branch.register_autograd(_lora_branch_backward, setup_context=_save_for_ba
 def _lean_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """peft's `Linear.forward` for plain LoRA adapters, through `_lora_branch`.
 
-    One active adapter applies to every row. Under a row layout (`PackedRows`, set by the packed engine) each
-    adapter this layer holds applies to its own rows only. Anything else (adapters disabled or merged, peft's
-    own mixed batch, a variant added after install) takes peft's own forward, so that this path never has to
-    know those cases.
+    One active adapter applies to every row (a pack's layers take `_packed_forward` instead). Anything else
+    (adapters disabled or merged, peft's own mixed batch, a variant added after install) takes peft's own
+    forward, so that this path never has to know those cases.
     """
-    layout = getattr(self, "_raylora_rows", None)
     active = self.active_adapters
     if (
         self.disable_adapters
         or self.merged
         or kwargs.get("adapter_names") is not None
-        or (layout is None and (len(active) != 1 or not _plain(self, active[0])))
+        or len(active) != 1
+        or not _plain(self, active[0])
     ):
         return type(self).forward(self, x, *args, **kwargs)
     result = self.base_layer(x, *args, **kwargs)
+    x, dtype = _autocast_dtype(self, x)
+    seed = getattr(self, "_raylora_step_seed", None)
+    return (result + self._raylora_branch(active[0], x, dtype, seed)).to(result.dtype)
+
+
+def _autocast_dtype(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
+    """The input and the dtype the LoRA matmuls run in: autocast's, else the adapter's own (as peft casts)."""
     if torch.is_autocast_enabled(x.device.type):
         # Autocast runs the matmuls in its dtype; the dropout sees the input as it is (bf16 from a bf16
         # model; peft's fp32 cast of it is exact, so dropping out in fp32 and rounding once is the same).
-        dtype = torch.get_autocast_dtype(x.device.type)
-    else:
-        # peft casts the input to the adapter's dtype (fp32) first, and runs everything in it.
-        dtype = next(iter(self.lora_A.values())).weight.dtype
-        x = x.to(dtype)
-    if layout is None:
-        seed = getattr(self, "_raylora_step_seed", None)
-        return (result + self._raylora_branch(active[0], x, dtype, seed)).to(result.dtype)
-    out = result.to(dtype) if result.dtype != dtype else result.clone()
-    for name, start, end, seed in layout.rows:
-        if name in self.lora_A:
-            out[start:end] += self._raylora_branch(name, x[start:end], dtype, seed)
-    return out.to(result.dtype)
+        return x, torch.get_autocast_dtype(x.device.type)
+    # peft casts the input to the adapter's dtype (fp32) first, and runs everything in it.
+    dtype = next(iter(self.lora_A.values())).weight.dtype
+    return x.to(dtype), dtype
+
+
+@torch.compiler.disable
+def _packed_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """A LoRA linear layer of a pack: the base layer once over every row, each adapter on its own rows.
+
+    The row layout (`PackedRows`, set by the packed engine) changes whenever an adapter joins, leaves or
+    pauses, so this function is never traced: compiled decoder layers break their graph around it and fuse
+    the work between the linear layers (norms, rotary embeddings, SwiGLU, residuals), while the layout stays a
+    Python value read at run time instead of a guard that would recompile the layer at every change.
+    """
+    if self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None:
+        return type(self).forward(self, x, *args, **kwargs)
+    result = self.base_layer(x, *args, **kwargs)
+    x, dtype = _autocast_dtype(self, x)
+    plan, weights = [], []
+    key = getattr(self, "_raylora_layer_key", None)
+    mask_length = getattr(self, "_raylora_mask_length", 0)
+    for name, start, end, seed in self._raylora_rows.rows:
+        end = min(end, x.size(0))
+        if name not in self.lora_A or start >= end:
+            continue
+        dropout = self.lora_dropout[name]
+        p = float(dropout.p) if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
+        seeded = seed is not None and key is not None
+        plan.append(
+            _Rows(start, end, p, float(self.scaling[name]), seed if seeded else None, key, mask_length)
+        )
+        weights += [self.lora_A[name].weight, self.lora_B[name].weight]
+    if not plan:
+        return result
+    return (result + _PackedBranches.apply(x, dtype, plan, *weights)).to(result.dtype)
+
+
+class _Rows(NamedTuple):
+    """One adapter's share of a packed batch in one layer: its rows and its dropout."""
+
+    start: int
+    end: int
+    p: float
+    scaling: float
+    seed: torch.Tensor | None
+    key: torch.Tensor | None
+    mask_length: int
+
+
+class _PackedBranches(torch.autograd.Function):
+    """Every adapter's LoRA output on its own rows of a packed batch, as one autograd node per layer.
+
+    Per adapter this is `_lora_branch` on its rows (the same masks, the same matmuls in the same dtypes),
+    written into one output tensor. Computing each adapter's branch as its own autograd graph and adding it
+    into a slice of the layer's output made autograd copy the whole output gradient once per adapter in
+    backward (`CopySlices`) and cost a dozen autograd nodes per adapter and layer; this is one node, no
+    full-size copy, and the rows of one adapter never meet another adapter's weights.
+
+    When the adapters of a layer hold equally many consecutive rows (the usual sweep: one batch size), their
+    products run as batched matmuls over the adapters (`_grouped`), each adapter's A and B zero-padded to the
+    largest rank: a zero row of A gives a zero hidden unit, which adds exact zeros to the output, so the
+    padding changes no number. That is a few kernels per layer instead of a few per adapter and layer: a pack
+    is otherwise bound by launching them from Python. The scaling multiplies the (small) hidden activations
+    rather than the output, so values round in another order than the solo branch, at the dtype's rounding
+    level. Otherwise the adapters run one after another (`_one_by_one`).
+    """
+
+    @staticmethod
+    def forward(ctx, x, dtype, plan, *weights):  # type: ignore[override]
+        rows = x.size(0)
+        ctx.covered = sum(r.end - r.start for r in plan) == rows
+        ctx.plan, ctx.dtype, ctx.grouped = plan, dtype, _groupable(plan)
+        out = x.new_empty((*x.shape[:-1], weights[1].size(0)), dtype=dtype)
+        if not ctx.covered:  # rows of adapters that do not adapt this layer get no LoRA output
+            out.zero_()
+        with torch.autocast(x.device.type, enabled=False):
+            run = _grouped_forward if ctx.grouped else _one_by_one_forward
+            saved = run(x, dtype, plan, weights, out)
+        ctx.save_for_backward(x, *weights, *saved)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        plan, n = ctx.plan, len(ctx.plan)
+        x, *rest = ctx.saved_tensors
+        weights, saved = rest[: 2 * n], rest[2 * n :]
+        grad_x = x.new_empty(x.shape) if ctx.needs_input_grad[0] else None
+        if grad_x is not None and not ctx.covered:
+            grad_x.zero_()
+        with torch.autocast(x.device.type, enabled=False):
+            run = _grouped_backward if ctx.grouped else _one_by_one_backward
+            grads = run(x, ctx.dtype, plan, weights, saved, grad_out, grad_x)
+        return grad_x, None, None, *grads
+
+
+def _groupable(plan: list[_Rows]) -> bool:
+    """Equal, consecutive row blocks, dropout from the seeded masks (or none): one batched product serves."""
+    size = plan[0].end - plan[0].start
+    return all(
+        r.end - r.start == size
+        and (i == 0 or r.start == plan[i - 1].end)
+        and (r.p == 0 or r.seed is not None)
+        for i, r in enumerate(plan)
+    )
+
+
+def _one_by_one_forward(x, dtype, plan, weights, out) -> list[torch.Tensor]:
+    masks, hiddens = [], []
+    for r, weight_a, weight_b in zip(plan, weights[0::2], weights[1::2], strict=True):
+        own = x[r.start : r.end]
+        if r.p == 0:
+            mask, dropped = own.new_empty((0,), dtype=torch.bool), own
+        elif r.seed is not None:
+            mask = _seeded_mask(own, r.p, r.seed, int(r.key.item()), r.mask_length)
+            dropped = _dropped(own, mask, r.p)
+        else:
+            dropped, mask = torch.ops.aten.native_dropout(own, r.p, True)
+            if own.device.type == "cpu":
+                dropped = _dropped(own, mask, r.p)
+        hidden = F.linear(dropped.to(dtype), weight_a.to(dtype))
+        torch.mul(F.linear(hidden, weight_b.to(dtype)), r.scaling, out=out[r.start : r.end])
+        masks.append(mask)
+        hiddens.append(hidden)
+    return masks + hiddens
+
+
+def _one_by_one_backward(x, dtype, plan, weights, saved, grad_out, grad_x) -> list[torch.Tensor]:
+    n = len(plan)
+    masks, hiddens = saved[:n], saved[n:]
+    grads = []
+    for i, r in enumerate(plan):
+        weight_a, weight_b = weights[2 * i].to(dtype), weights[2 * i + 1].to(dtype)
+        mask, hidden, own = masks[i], hiddens[i], x[r.start : r.end]
+        rank, n_out = weight_a.size(0), weight_b.size(0)
+        grad_scaled = grad_out[r.start : r.end] * r.scaling
+        grad_b = grad_scaled.reshape(-1, n_out).t().mm(hidden.reshape(-1, rank))
+        grad_hidden = grad_scaled.matmul(weight_b)
+        dropped = _dropped(own, mask, r.p).to(dtype).reshape(-1, own.size(-1))
+        grad_a = grad_hidden.reshape(-1, rank).t().mm(dropped)
+        if grad_x is not None:
+            grad_x[r.start : r.end] = _dropped(grad_hidden.matmul(weight_a).to(x.dtype), mask, r.p)
+        grads += [grad_a.to(weights[2 * i].dtype), grad_b.to(weights[2 * i + 1].dtype)]
+    return grads
+
+
+def _grouped_forward(x, dtype, plan, weights, out) -> list[torch.Tensor]:
+    k, first, last = len(plan), plan[0].start, plan[-1].end
+    own = x[first:last]
+    mask = _grouped_masks(own, plan)
+    dropped = _grouped_dropped(own, mask, plan).to(dtype).reshape(k, -1, own.size(-1))
+    rank = max(w.size(0) for w in weights[0::2])
+    weight_a = _stack_padded(weights[0::2], rank, dim=0).to(dtype)  # adapters x rank x in
+    weight_b = _stack_padded(weights[1::2], rank, dim=1).to(dtype)  # adapters x out x rank
+    scaling = torch.tensor([r.scaling for r in plan], device=x.device).view(k, 1, 1)
+    hidden = (torch.bmm(dropped, weight_a.transpose(1, 2)) * scaling).to(dtype)
+    out[first:last] = torch.bmm(hidden, weight_b.transpose(1, 2)).view(*own.shape[:-1], -1)
+    return [mask, weight_a, weight_b, hidden, scaling]
+
+
+def _grouped_backward(x, dtype, plan, weights, saved, grad_out, grad_x) -> list[torch.Tensor]:
+    mask, weight_a, weight_b, hidden, scaling = saved
+    k, first, last = len(plan), plan[0].start, plan[-1].end
+    own = x[first:last]
+    grad = grad_out[first:last].reshape(k, -1, grad_out.size(-1))
+    grad_b = torch.bmm(grad.transpose(1, 2), hidden)  # adapters x out x rank
+    grad_hidden = (torch.bmm(grad, weight_b) * scaling).to(dtype)
+    dropped = _grouped_dropped(own, mask, plan).to(dtype).reshape(k, -1, own.size(-1))
+    grad_a = torch.bmm(grad_hidden.transpose(1, 2), dropped)  # adapters x rank x in
+    if grad_x is not None:
+        grad_own = torch.bmm(grad_hidden, weight_a).to(x.dtype).view(own.shape)
+        grad_x[first:last] = _grouped_dropped(grad_own, mask, plan)
+    grads = []
+    for i, w in enumerate(weights[0::2]):
+        r = w.size(0)
+        grads += [grad_a[i, :r].to(w.dtype), grad_b[i, :, :r].to(weights[2 * i + 1].dtype)]
+    return grads
+
+
+def _grouped_masks(x: torch.Tensor, plan: list[_Rows]) -> torch.Tensor:
+    """The keep-masks of every adapter's rows of `x` (the rows of `plan`, from its first), in one tensor."""
+    if all(r.p == 0 for r in plan):
+        return x.new_empty((0,), dtype=torch.bool)
+    mask = torch.empty(x.shape, dtype=torch.bool, device=x.device)
+    first = plan[0].start
+    for r in plan:
+        rows = slice(r.start - first, r.end - first)
+        if r.p == 0:
+            mask[rows] = True
+        else:
+            mask[rows] = _seeded_mask(x[rows], r.p, r.seed, int(r.key.item()), r.mask_length)
+    return mask
+
+
+def _grouped_dropped(x: torch.Tensor, mask: torch.Tensor, plan: list[_Rows]) -> torch.Tensor:
+    """Dropout of every adapter's rows of `x` by its mask and its own rate (`_dropped` per block)."""
+    rates = {r.p for r in plan}
+    if len(rates) == 1:
+        return _dropped(x, mask, rates.pop())
+    out = torch.empty_like(x)
+    first = plan[0].start
+    for r in plan:
+        rows = slice(r.start - first, r.end - first)
+        out[rows] = _dropped(x[rows], mask[rows], r.p)
+    return out
+
+
+def _stack_padded(weights: list[torch.Tensor], rank: int, *, dim: int) -> torch.Tensor:
+    """The adapters' A (rank on `dim` 0) or B (rank on `dim` 1) matrices stacked, zero-padded to `rank`."""
+    if all(w.size(dim) == rank for w in weights):
+        return torch.stack(weights)
+    padded = []
+    for w in weights:
+        pad = (0, rank - w.size(1)) if dim == 1 else (0, 0, 0, rank - w.size(0))
+        padded.append(F.pad(w, pad))
+    return torch.stack(padded)
 
 
 def _branch(self, name: str, x: torch.Tensor, dtype: torch.dtype, seed: torch.Tensor | None) -> torch.Tensor:
@@ -300,7 +509,11 @@ def install_lean_lora(model: torch.nn.Module, *, routed: bool = False) -> int:
             raise ValueError(
                 f"{path} holds an adapter that packed LoRA layers do not compute (DoRA or a variant)"
             )
-        if routed or (len(module.lora_A) == 1 and plain):
+        if routed:
+            module.forward = types.MethodType(_packed_forward, module)
+            module._raylora_branch = types.MethodType(_branch, module)
+            count += 1
+        elif len(module.lora_A) == 1 and plain:
             module.forward = types.MethodType(_lean_forward, module)
             module._raylora_branch = types.MethodType(_branch, module)
             count += 1

@@ -51,11 +51,19 @@ from raylora.checkpoint import (
 from raylora.config import ConfigError, FinetuneConfig
 from raylora.data import IGNORE_INDEX, TokenizedData, iterate_batches, load_data
 from raylora.distributed import Workers
-from raylora.fastpath import DropoutSeeds, install_lean_lora, seed_dropout
-from raylora.loss import ModelOutput, chunkable_head, count_targets, forward, token_loss_sum
+from raylora.fastpath import DropoutSeeds, compile_layers, install_lean_lora, seed_dropout
+from raylora.loss import (
+    ModelOutput,
+    chunkable_head,
+    compiled_head_loss,
+    count_targets,
+    forward,
+    token_loss_sum,
+)
 from raylora.model import (
     apply_activation_checkpointing,
     count_parameters,
+    decoder_layers,
     load_base_model,
     load_tokenizer,
     lora_config,
@@ -79,6 +87,7 @@ from raylora.recipe import (
     NonFiniteLossError,
     activation_checkpointing,
     clip_and_measure,
+    compile_backend,
     evaluate_loss,
     lr_schedule,
     peak_memory_gib,
@@ -132,8 +141,6 @@ def pack_problems(config: FinetuneConfig) -> list[str]:
             "`training.fp8` is true: a pack holds a bf16 or 4-bit base (peft cannot add an adapter to a layer "
             "already in FP8)"
         )
-    if config.training.compile not in ("auto", "off"):
-        problems.append(f"`training.compile` is {config.training.compile!r}; packed layers run eagerly")
     return problems
 
 
@@ -206,6 +213,16 @@ class PackedTrainer:
         fraction = activation_checkpointing(base)
         if fraction:
             apply_activation_checkpointing(self.base, fraction)
+        self.head_loss: Any = None  # the chunked loss's eager path
+        backend = compile_backend(base.training.compile, self.workers)
+        if backend is not None:
+            # As a solo run compiles (`LoraRecipe`), with one difference: the LoRA linear layers of a pack are
+            # never traced (`raylora.fastpath._packed_forward`), so each decoder layer compiles into the parts
+            # between them, once for every adapter the engine will train; adapters joining and leaving change
+            # no graph (only a new set of target modules does, when its layers are first wrapped).
+            torch._dynamo.reset()
+            compile_layers(decoder_layers(self.base), backend)
+            self.head_loss = compiled_head_loss(backend)
         self.model: Any = None  # a peft model around `base` once the first adapter joins
         self.autocast = self.workers.autocast(base.training.precision)
         self.layout = PackedRows()
@@ -362,7 +379,9 @@ class PackedTrainer:
             head = self._head(adapter.name, output)
             own = ModelOutput(output.hidden[start:end, :width], head, output.autocast_dtype)
             labels = batch["labels"][start:end, :width]
-            loss = token_loss_sum(own, labels, adapter.config.training.label_smoothing)
+            loss = token_loss_sum(
+                own, labels, adapter.config.training.label_smoothing, head_loss=self.head_loss
+            )
             adapter.loss_sum += loss.detach()
             scaled = loss / max(adapter.step_targets, 1.0)
             total = scaled if total is None else total + scaled

@@ -93,14 +93,16 @@ ADAPTERS = {
 }
 
 
-def _train_packed(configs: dict[str, FinetuneConfig]) -> tuple[PackedTrainer, dict[str, dict[int, float]]]:
+def _train_packed(
+    configs: dict[str, FinetuneConfig], steps: int = STEPS
+) -> tuple[PackedTrainer, dict[str, dict[int, float]]]:
     trainer = PackedTrainer(next(iter(configs.values())))
     for name, config in configs.items():
         trainer.add(name, config)
     losses: dict[str, dict[int, float]] = {name: {} for name in configs}
-    while any(adapter.global_step < STEPS for adapter in trainer.adapters.values()):
+    while any(adapter.global_step < steps for adapter in trainer.adapters.values()):
         for adapter in trainer.adapters.values():
-            adapter.paused = adapter.global_step >= STEPS
+            adapter.paused = adapter.global_step >= steps
         for name, metrics in trainer.step().stepped.items():
             losses[name][trainer.adapters[name].global_step] = metrics[TRAIN_LOSS]
     return trainer, losses
@@ -134,6 +136,40 @@ def test_packed_adapters_follow_their_solo_runs_step_for_step(tmp_path):
     assert evaluate_adapter(configs["trial_c"], directory) == pytest.approx(
         trainer.evaluate("trial_c"), rel=1e-5
     )
+
+
+def test_compiled_pack_layers_compute_the_eager_solo_runs_and_compile_once(tmp_path):
+    """With `training.compile` on, a pack's decoder layers compile around its LoRA layers (which read the row
+    layout at run time): the same losses as the eager solo runs, and an adapter joining compiles nothing new."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    steps = 6
+    fields = {name: {**ADAPTERS[name], "training__max_steps": steps} for name in ("trial_a", "trial_c")}
+    solo: dict[str, _Losses] = {}
+    for name, extra in fields.items():
+        solo[name] = _Losses()
+        train(_config(tmp_path / "solo" / name, **extra), reporter=solo[name])  # compile "auto": eager here
+    compiled = {
+        name: _config(tmp_path / "packed" / name, **extra, training__compile="aot_eager")
+        for name, extra in fields.items()
+    }
+    torch._dynamo.reset()
+    trainer, packed = _train_packed(compiled, steps)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > 0, "the pack's decoder layers were not compiled"
+    for name in fields:
+        assert [packed[name][s] for s in range(1, steps + 1)] == pytest.approx(
+            [solo[name].train[s] for s in range(1, steps + 1)], rel=1e-5
+        ), name
+
+    # Another adapter on the same target modules: its rows run through the graphs already compiled.
+    joining = {**fields["trial_a"], "training__learning_rate": 5e-4, "training__max_steps": steps + 2}
+    trainer.add("trial_d", _config(tmp_path / "packed" / "trial_d", **joining, training__compile="aot_eager"))
+    for adapter in trainer.adapters.values():
+        adapter.paused = adapter.name != "trial_d"
+    assert [sorted(trainer.step().stepped) for _ in range(2)] == [["trial_d"], ["trial_d"]]
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 def test_an_adapter_leaves_and_another_joins_without_disturbing_the_rest(tmp_path):
