@@ -111,7 +111,12 @@ def _(x, weight_a, weight_b, p, scaling, step_seed, layer_key, mask_length):
 
 
 def _seeded_mask(
-    x: torch.Tensor, p: float, seeds: torch.Tensor, layer_key: int, mask_length: int
+    x: torch.Tensor,
+    p: float,
+    seeds: torch.Tensor,
+    layer_key: int,
+    mask_length: int,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The keep-mask of dropout with rate `p` for `x`, a pure function of the seeds and of each element's place.
 
@@ -122,6 +127,9 @@ def _seeded_mask(
     mask of a row then depends on neither the worker count nor how long the other rows of its batch are, so
     N workers draw the masks one worker draws, and a row padded to another length (a packed step's
     concatenated batch) draws the same mask.
+
+    `out` (a contiguous bool tensor of x's shape) receives the mask; where x is the whole drawn block it is
+    drawn there directly, without a copy.
     """
     seed, first, rows = (int(v) for v in seeds.tolist())
     generator = torch.Generator(device=x.device)
@@ -133,8 +141,11 @@ def _seeded_mask(
             1.0 - p, generator=generator
         )
     shape = (rows, max(mask_length, x.size(1)), x.size(2))
+    if out is not None and first == 0 and tuple(x.shape) == shape:
+        return out.bernoulli_(1.0 - p, generator=generator)
     mask = torch.empty(shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p, generator=generator)
-    return mask[first : first + x.size(0), : x.size(1)].contiguous()
+    mask = mask[first : first + x.size(0), : x.size(1)]
+    return mask.contiguous() if out is None else out.copy_(mask)
 
 
 def _dropped(x: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:
@@ -389,7 +400,7 @@ def _grouped_masks(x: torch.Tensor, plan: list[_Rows]) -> torch.Tensor:
         if r.p == 0:
             mask[rows] = True
         else:
-            mask[rows] = _seeded_mask(x[rows], r.p, r.seed, int(r.key.item()), r.mask_length)
+            _seeded_mask(x[rows], r.p, r.seed, int(r.key.item()), r.mask_length, out=mask[rows])
     return mask
 
 

@@ -86,7 +86,6 @@ from raylora.names import (
 from raylora.recipe import (
     NonFiniteLossError,
     activation_checkpointing,
-    clip_and_measure,
     compile_backend,
     evaluate_loss,
     lr_schedule,
@@ -214,12 +213,17 @@ class PackedTrainer:
         if fraction:
             apply_activation_checkpointing(self.base, fraction)
         self.head_loss: Any = None  # the chunked loss's eager path
-        backend = compile_backend(base.training.compile, self.workers)
+        # `compile="auto"` runs a pack eagerly: its LoRA linear layers are never traced
+        # (`raylora.fastpath._packed_forward`), so a compiled decoder layer fuses only the short stretches
+        # between them, which measured no faster than eager and cost a cold compile on the engine's first
+        # step (BENCHMARKS.md, "Sweep throughput: packed trials"). A backend named in `training.compile` is
+        # used: each decoder layer then compiles into the parts between its linear layers, once for every
+        # adapter the engine will train (adapters joining and leaving change no graph; a new set of target
+        # modules does, when its layers are first wrapped).
+        backend = (
+            None if base.training.compile == "auto" else compile_backend(base.training.compile, self.workers)
+        )
         if backend is not None:
-            # As a solo run compiles (`LoraRecipe`), with one difference: the LoRA linear layers of a pack are
-            # never traced (`raylora.fastpath._packed_forward`), so each decoder layer compiles into the parts
-            # between them, once for every adapter the engine will train; adapters joining and leaving change
-            # no graph (only a new set of target modules does, when its layers are first wrapped).
             torch._dynamo.reset()
             compile_layers(decoder_layers(self.base), backend)
             self.head_loss = compiled_head_loss(backend)
@@ -387,15 +391,14 @@ class PackedTrainer:
             total = scaled if total is None else total + scaled
         total.backward()
         share = (time.perf_counter() - started) / len(active)
+        ready = []
         for adapter in active:
             adapter.micro += 1
             adapter.train_time += share
-            if adapter.micro < adapter.config.training.grad_accum_steps:
-                continue
-            try:
-                result.stepped[adapter.name] = self._optimizer_step(adapter)
-            except NonFiniteLossError as error:
-                result.failed[adapter.name] = error
+            if adapter.micro >= adapter.config.training.grad_accum_steps:
+                ready.append(adapter)
+        if ready:
+            result.stepped, result.failed = self._optimizer_steps(ready)
         return result
 
     def _next_micro_batch(self, adapter: _Adapter) -> dict[str, torch.Tensor]:
@@ -408,24 +411,45 @@ class PackedTrainer:
             adapter.loss_sum = 0.0
         return adapter.pending.pop(0)
 
-    def _optimizer_step(self, adapter: _Adapter) -> dict[str, float]:
-        cfg = adapter.config.training
-        adapter.micro = 0
-        # note: float() is a device-host sync point, once per optimizer step of each adapter
-        train_loss = float(adapter.loss_sum) / max(adapter.step_targets, 1.0)
-        if not math.isfinite(train_loss):
-            adapter.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(
-                f"adapter {adapter.name!r}: train loss is {train_loss} at step {adapter.global_step + 1}; lower "
-                f"`training.learning_rate` (now {cfg.learning_rate}) or set `training.max_grad_norm`"
+    def _optimizer_steps(
+        self, ready: list[_Adapter]
+    ) -> tuple[dict[str, dict[str, float]], dict[str, NonFiniteLossError]]:
+        """The optimizer step of every adapter in `ready` (their accumulation done): their metrics, and those
+        whose loss is not finite (not stepped, gradients dropped).
+
+        The losses and gradient norms of all of them reach the host in one device-host sync, not two per
+        adapter: a sync empties the device's queue, and a pack would otherwise wait on it once per adapter.
+        """
+        norms = []
+        for adapter in ready:
+            max_norm = adapter.config.training.max_grad_norm
+            # clip_grad_norm_ returns the norm before clipping; with max_norm=inf it only measures.
+            norms.append(
+                torch.nn.utils.clip_grad_norm_(adapter.params, max_norm if max_norm > 0 else math.inf)
             )
-        grad_norm = clip_and_measure(adapter.params, cfg.max_grad_norm)
-        lr = adapter.scheduler.get_last_lr()[0]  # the rate this step uses; the scheduler moves on below
-        adapter.optimizer.step()
-        adapter.scheduler.step()
-        adapter.optimizer.zero_grad(set_to_none=True)
-        adapter.global_step += 1
-        return {TRAIN_LOSS: train_loss, GRAD_NORM: grad_norm, LEARNING_RATE: lr}
+        sums = [torch.as_tensor(a.loss_sum, dtype=torch.float32, device=norms[0].device) for a in ready]
+        values = torch.stack([*sums, *(n.float() for n in norms)]).tolist()  # the one sync
+        stepped, failed = {}, {}
+        for adapter, loss_sum, grad_norm in zip(
+            ready, values[: len(ready)], values[len(ready) :], strict=True
+        ):
+            cfg = adapter.config.training
+            adapter.micro = 0
+            train_loss = loss_sum / max(adapter.step_targets, 1.0)
+            if not math.isfinite(train_loss):
+                adapter.optimizer.zero_grad(set_to_none=True)
+                failed[adapter.name] = NonFiniteLossError(
+                    f"adapter {adapter.name!r}: train loss is {train_loss} at step {adapter.global_step + 1}; "
+                    f"lower `training.learning_rate` (now {cfg.learning_rate}) or set `training.max_grad_norm`"
+                )
+                continue
+            lr = adapter.scheduler.get_last_lr()[0]  # the rate this step uses; the scheduler moves on below
+            adapter.optimizer.step()
+            adapter.scheduler.step()
+            adapter.optimizer.zero_grad(set_to_none=True)
+            adapter.global_step += 1
+            stepped[adapter.name] = {TRAIN_LOSS: train_loss, GRAD_NORM: grad_norm, LEARNING_RATE: lr}
+        return stepped, failed
 
     # ---- per adapter: metrics, eval, checkpoints ------------------------------------------------------------
 
