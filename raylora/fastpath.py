@@ -86,18 +86,7 @@ def _lora_branch(
     from the global stream.
     """
     with torch.autocast(x.device.type, enabled=False):
-        if p == 0:
-            dropped, mask = x, x.new_empty((0,), dtype=torch.bool)
-        elif step_seed is not None and layer_key is not None:
-            mask = _seeded_mask(x, p, step_seed, int(layer_key.item()), mask_length)
-            dropped = _dropped(x, mask, p)
-        else:
-            # The mask from the same random stream as `F.dropout`, which calls native_dropout for these
-            # inputs. On a GPU its output is the dropped input rounded once, as peft's; on the CPU its bf16
-            # output rounds twice, so there the dropped values come from the backward op (one rounding).
-            dropped, mask = torch.ops.aten.native_dropout(x, p, True)
-            if x.device.type == "cpu":
-                dropped = _dropped(x, mask, p)
+        mask, dropped = _drop(x, p, step_seed, layer_key, mask_length)
         hidden = F.linear(dropped.to(weight_a.dtype), weight_a)
         out = F.linear(hidden, weight_b) * scaling
     return out, mask, hidden
@@ -108,6 +97,25 @@ def _(x, weight_a, weight_b, p, scaling, step_seed, layer_key, mask_length):
     mask = x.new_empty(x.shape if p > 0 else (0,), dtype=torch.bool)
     hidden = x.new_empty((*x.shape[:-1], weight_a.size(0)), dtype=weight_a.dtype)
     return x.new_empty((*x.shape[:-1], weight_b.size(0)), dtype=weight_b.dtype), mask, hidden
+
+
+def _drop(
+    x: torch.Tensor, p: float, seeds: torch.Tensor | None, layer_key: torch.Tensor | None, mask_length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dropout's keep-mask for `x` (empty when `p` is 0) and the dropped input.
+
+    Seeded (`seeds` and `layer_key`): `_seeded_mask`. Otherwise the mask comes from the same random stream as
+    `F.dropout`, which calls native_dropout for these inputs. On a GPU its output is the dropped input
+    rounded once, as peft's; on the CPU its bf16 output rounds twice, so there the dropped values come from
+    the backward op (one rounding).
+    """
+    if p == 0:
+        return x.new_empty((0,), dtype=torch.bool), x
+    if seeds is not None and layer_key is not None:
+        mask = _seeded_mask(x, p, seeds, int(layer_key.item()), mask_length)
+        return mask, _dropped(x, mask, p)
+    dropped, mask = torch.ops.aten.native_dropout(x, p, True)
+    return mask, _dropped(x, mask, p) if x.device.type == "cpu" else dropped
 
 
 def _seeded_mask(
@@ -320,16 +328,7 @@ def _groupable(plan: list[_Rows]) -> bool:
 def _one_by_one_forward(x, dtype, plan, weights, out) -> list[torch.Tensor]:
     masks, hiddens = [], []
     for r, weight_a, weight_b in zip(plan, weights[0::2], weights[1::2], strict=True):
-        own = x[r.start : r.end]
-        if r.p == 0:
-            mask, dropped = own.new_empty((0,), dtype=torch.bool), own
-        elif r.seed is not None:
-            mask = _seeded_mask(own, r.p, r.seed, int(r.key.item()), r.mask_length)
-            dropped = _dropped(own, mask, r.p)
-        else:
-            dropped, mask = torch.ops.aten.native_dropout(own, r.p, True)
-            if own.device.type == "cpu":
-                dropped = _dropped(own, mask, r.p)
+        mask, dropped = _drop(x[r.start : r.end], r.p, r.seed, r.key, r.mask_length)
         hidden = F.linear(dropped.to(dtype), weight_a.to(dtype))
         torch.mul(F.linear(hidden, weight_b.to(dtype)), r.scaling, out=out[r.start : r.end])
         masks.append(mask)
