@@ -38,6 +38,7 @@ BENCHMARKS.md measures what it costs in loss against the bf16 anchor and what it
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import types
 from collections.abc import Iterator
@@ -363,7 +364,7 @@ def _grouped_forward(x, dtype, plan, weights, out) -> list[torch.Tensor]:
     rank = max(w.size(0) for w in weights[0::2])
     weight_a = _stack_padded(weights[0::2], rank, dim=0).to(dtype)  # adapters x rank x in
     weight_b = _stack_padded(weights[1::2], rank, dim=1).to(dtype)  # adapters x out x rank
-    scaling = torch.tensor([r.scaling for r in plan], device=x.device).view(k, 1, 1)
+    scaling = _device_values(tuple(r.scaling for r in plan), x.device).view(k, 1, 1)
     hidden = (torch.bmm(dropped, weight_a.transpose(1, 2)) * scaling).to(dtype)
     out[first:last] = torch.bmm(hidden, weight_b.transpose(1, 2)).view(*own.shape[:-1], -1)
     return [mask, weight_a, weight_b, hidden, scaling]
@@ -386,6 +387,15 @@ def _grouped_backward(x, dtype, plan, weights, saved, grad_out, grad_x) -> list[
         r = w.size(0)
         grads += [grad_a[i, :r].to(w.dtype), grad_b[i, :, :r].to(weights[2 * i + 1].dtype)]
     return grads
+
+
+@functools.lru_cache(maxsize=256)
+def _device_values(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """`values` as an fp32 tensor on `device`, made once per distinct tuple (the pack's scalings change only
+    when adapters join or leave). Building it from Python values at every layer would copy it from pageable
+    host memory, a copy that first waits for the device's queue to drain: a pack then could not queue one
+    layer's kernels while the device runs the previous layer's."""
+    return torch.tensor(values, dtype=torch.float32, device=device)
 
 
 def _grouped_masks(x: torch.Tensor, plan: list[_Rows]) -> torch.Tensor:
