@@ -279,12 +279,12 @@ class _PackedBranches(torch.autograd.Function):
     full-size copy, and the rows of one adapter never meet another adapter's weights.
 
     When the adapters of a layer hold equally many consecutive rows (the usual sweep: one batch size), their
-    products run as batched matmuls over the adapters (`_grouped`), each adapter's A and B zero-padded to the
-    largest rank: a zero row of A gives a zero hidden unit, which adds exact zeros to the output, so the
-    padding changes no number. That is a few kernels per layer instead of a few per adapter and layer: a pack
+    products run as batched matmuls over the adapters (`_grouped_forward`), each adapter's A and B
+    zero-padded to the largest rank: a zero row of A gives a zero hidden unit, so the padding adds only exact
+    zeros to the output. That is a few kernels per layer instead of a few per adapter and layer: a pack
     is otherwise bound by launching them from Python. The scaling multiplies the (small) hidden activations
     rather than the output, so values round in another order than the solo branch, at the dtype's rounding
-    level. Otherwise the adapters run one after another (`_one_by_one`).
+    level. Otherwise the adapters run one after another (`_one_by_one_forward`).
     """
 
     @staticmethod
