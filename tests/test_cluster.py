@@ -345,8 +345,21 @@ def test_a_stopped_job_ends_its_runs_killed_and_resume_continues_them(cluster: L
     assert len(runs) == 2  # the same sweep run and trial run went on
     for run_ in runs:
         assert run_.info.run_id in (parent.info.run_id, child.info.run_id) and run_.info.status == "FINISHED"
-    steps = [r["step"] for r in _reports(storage, "stoppable")]
-    assert steps == sorted(set(steps)) and steps[-1] == 150  # resumed from its checkpoint, not from step 0
+    reports = _reports(storage, "stoppable")
+    steps = [r["step"] for r in reports]
+    # Resumed from its checkpoint, not from step 0: every eval step is reported, the first one once. A stop
+    # that lands between Tune's record of a report and its save of the sweep's state resumes from the
+    # checkpoint before it, and that one report is made again, with the same numbers (the resume is exact).
+    assert sorted(set(steps)) == [float(s) for s in range(10, 151, 10)] and steps.count(10.0) == 1, steps
+    assert len(steps) - len(set(steps)) <= 1, steps
+    by_step: dict[float, float] = {}
+    for report in reports:
+        loss = by_step.setdefault(report["step"], report["eval_loss"])
+        assert report["eval_loss"] == pytest.approx(loss, rel=1e-6), (
+            report["step"],
+            loss,
+            report["eval_loss"],
+        )
 
 
 def test_losing_a_node_mid_trial_resumes_from_checkpoint_and_the_job_succeeds(
