@@ -32,7 +32,7 @@ from raylora.survey import causal_lm_types, survey_architecture, survey_in_worke
 H, LAYERS, HEADS, VOCAB = 64, 2, 4, 320
 # Types per CI run: each costs 10-15 CPU seconds (a tiny checkpoint, the pre-load checks, three short runs),
 # so 24 take about 2.5 minutes on two cores, two at a time.
-_SAMPLE = 24
+_SAMPLE = 16
 
 
 def _sample() -> list[str]:
