@@ -87,10 +87,23 @@ def _lora_branch(
     from the global stream.
     """
     with torch.autocast(x.device.type, enabled=False):
-        mask, dropped = _drop(x, p, step_seed, layer_key, mask_length)
-        hidden = F.linear(dropped.to(weight_a.dtype), weight_a)
-        out = F.linear(hidden, weight_b) * scaling
-    return out, mask, hidden
+        return _branch_forward(x, weight_a, weight_b, p, scaling, step_seed, layer_key, mask_length)
+
+
+def _branch_forward(
+    x: torch.Tensor,
+    weight_a: torch.Tensor,
+    weight_b: torch.Tensor,
+    p: float,
+    scaling: float,
+    seeds: torch.Tensor | None,
+    layer_key: torch.Tensor | None,
+    mask_length: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_lora_branch`'s arithmetic (autocast off): the output, the mask and the hidden activations."""
+    mask, dropped = _drop(x, p, seeds, layer_key, mask_length)
+    hidden = F.linear(dropped.to(weight_a.dtype), weight_a)
+    return F.linear(hidden, weight_b) * scaling, mask, hidden
 
 
 @_lora_branch.register_fake
@@ -174,19 +187,34 @@ def _save_for_backward(ctx, inputs, output) -> None:
 
 def _lora_branch_backward(ctx, grad_out, _grad_mask, _grad_hidden):
     x, weight_a, weight_b, mask, hidden = ctx.saved_tensors
-    p = ctx.p
     with torch.autocast(x.device.type, enabled=False):
-        grad_scaled = grad_out * ctx.scaling  # the backward of `* scaling`, in the output dtype
-        rank, n_out = weight_a.size(0), weight_b.size(0)
-        grad_b = grad_scaled.reshape(-1, n_out).t().mm(hidden.reshape(-1, rank))
-        grad_hidden = grad_scaled.matmul(weight_b)
-        # The dropped input again, from x and the mask: what forward multiplied into lora_A.
-        dropped = _dropped(x, mask, p).to(weight_a.dtype).reshape(-1, x.size(-1))
-        grad_a = grad_hidden.reshape(-1, rank).t().mm(dropped)
-        # In x's dtype before the mask, as autocast's cast back from the matmul dtype comes first in peft.
-        grad_x = grad_hidden.matmul(weight_a).to(x.dtype)
-        grad_x = _dropped(grad_x, mask, p)
+        grad_x, grad_a, grad_b = _branch_backward(
+            x, weight_a, weight_b, mask, hidden, ctx.p, ctx.scaling, grad_out
+        )
     return grad_x, grad_a, grad_b, None, None, None, None, None
+
+
+def _branch_backward(
+    x: torch.Tensor,
+    weight_a: torch.Tensor,
+    weight_b: torch.Tensor,
+    mask: torch.Tensor,
+    hidden: torch.Tensor,
+    p: float,
+    scaling: float,
+    grad_out: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of `_branch_forward` for x, A and B (A and B in the matmul dtype; autocast off)."""
+    grad_scaled = grad_out * scaling  # the backward of `* scaling`, in the output dtype
+    rank, n_out = weight_a.size(0), weight_b.size(0)
+    grad_b = grad_scaled.reshape(-1, n_out).t().mm(hidden.reshape(-1, rank))
+    grad_hidden = grad_scaled.matmul(weight_b)
+    # The dropped input again, from x and the mask: what forward multiplied into lora_A.
+    dropped = _dropped(x, mask, p).to(weight_a.dtype).reshape(-1, x.size(-1))
+    grad_a = grad_hidden.reshape(-1, rank).t().mm(dropped)
+    # In x's dtype before the mask, as autocast's cast back from the matmul dtype comes first in peft.
+    grad_x = _dropped(grad_hidden.matmul(weight_a).to(x.dtype), mask, p)
+    return grad_x, grad_a, grad_b
 
 
 _lora_branch.register_autograd(_lora_branch_backward, setup_context=_save_for_backward)
@@ -329,9 +357,10 @@ def _groupable(plan: list[_Rows]) -> bool:
 def _one_by_one_forward(x, dtype, plan, weights, out) -> list[torch.Tensor]:
     masks, hiddens = [], []
     for r, weight_a, weight_b in zip(plan, weights[0::2], weights[1::2], strict=True):
-        mask, dropped = _drop(x[r.start : r.end], r.p, r.seed, r.key, r.mask_length)
-        hidden = F.linear(dropped.to(dtype), weight_a.to(dtype))
-        torch.mul(F.linear(hidden, weight_b.to(dtype)), r.scaling, out=out[r.start : r.end])
+        own = x[r.start : r.end]
+        out[r.start : r.end], mask, hidden = _branch_forward(
+            own, weight_a.to(dtype), weight_b.to(dtype), r.p, r.scaling, r.seed, r.key, r.mask_length
+        )
         masks.append(mask)
         hiddens.append(hidden)
     return masks + hiddens
@@ -342,17 +371,20 @@ def _one_by_one_backward(x, dtype, plan, weights, saved, grad_out, grad_x) -> li
     masks, hiddens = saved[:n], saved[n:]
     grads = []
     for i, r in enumerate(plan):
-        weight_a, weight_b = weights[2 * i].to(dtype), weights[2 * i + 1].to(dtype)
-        mask, hidden, own = masks[i], hiddens[i], x[r.start : r.end]
-        rank, n_out = weight_a.size(0), weight_b.size(0)
-        grad_scaled = grad_out[r.start : r.end] * r.scaling
-        grad_b = grad_scaled.reshape(-1, n_out).t().mm(hidden.reshape(-1, rank))
-        grad_hidden = grad_scaled.matmul(weight_b)
-        dropped = _dropped(own, mask, r.p).to(dtype).reshape(-1, own.size(-1))
-        grad_a = grad_hidden.reshape(-1, rank).t().mm(dropped)
+        weight_a, weight_b = weights[2 * i], weights[2 * i + 1]
+        grad_own, grad_a, grad_b = _branch_backward(
+            x[r.start : r.end],
+            weight_a.to(dtype),
+            weight_b.to(dtype),
+            masks[i],
+            hiddens[i],
+            r.p,
+            r.scaling,
+            grad_out[r.start : r.end],
+        )
         if grad_x is not None:
-            grad_x[r.start : r.end] = _dropped(grad_hidden.matmul(weight_a).to(x.dtype), mask, r.p)
-        grads += [grad_a.to(weights[2 * i].dtype), grad_b.to(weights[2 * i + 1].dtype)]
+            grad_x[r.start : r.end] = grad_own
+        grads += [grad_a.to(weight_a.dtype), grad_b.to(weight_b.dtype)]
     return grads
 
 
