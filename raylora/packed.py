@@ -86,6 +86,7 @@ from raylora.names import (
 from raylora.recipe import (
     NonFiniteLossError,
     activation_checkpointing,
+    clip_gradients,
     compile_backend,
     evaluate_loss,
     lr_schedule,
@@ -420,13 +421,7 @@ class PackedTrainer:
         The losses and gradient norms of all of them reach the host in one device-host sync, not two per
         adapter: a sync empties the device's queue, and a pack would otherwise wait on it once per adapter.
         """
-        norms = []
-        for adapter in ready:
-            max_norm = adapter.config.training.max_grad_norm
-            # clip_grad_norm_ returns the norm before clipping; with max_norm=inf it only measures.
-            norms.append(
-                torch.nn.utils.clip_grad_norm_(adapter.params, max_norm if max_norm > 0 else math.inf)
-            )
+        norms = [clip_gradients(a.params, a.config.training.max_grad_norm) for a in ready]
         sums = [torch.as_tensor(a.loss_sum, dtype=torch.float32, device=norms[0].device) for a in ready]
         values = torch.stack([*sums, *(n.float() for n in norms)]).tolist()  # the one sync
         stepped, failed = {}, {}

@@ -84,6 +84,7 @@ __all__ = [
     "NonFiniteLossError",
     "activation_checkpointing",
     "clip_and_measure",
+    "clip_gradients",
     "evaluate_loss",
     "lr_schedule",
     "peak_memory_gib",
@@ -526,11 +527,17 @@ def _adapts_parameters(layer: torch.nn.Module) -> bool:
 
 
 def clip_and_measure(parameters: list[torch.nn.Parameter], max_norm: float) -> float:
+    return float(clip_gradients(parameters, max_norm))
+
+
+def clip_gradients(parameters: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip the gradients to `max_norm` (0: no clipping) and return their norm before clipping, on the device
+    (reading it is a device-host sync, which a pack makes once for all its adapters)."""
     # clip_grad_norm_ returns the total norm before clipping; with max_norm=inf it only measures.
     norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm if max_norm > 0 else math.inf)
     if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
         norm = norm.full_tensor()
-    return float(norm)
+    return norm
 
 
 def reset_peak_memory(device: torch.device) -> bool:
