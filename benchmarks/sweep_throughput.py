@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -179,6 +180,8 @@ def main() -> None:
     (root / f"seq{args.seq}").mkdir(exist_ok=True)
     data = tp.write_data(root / f"seq{args.seq}", records=max(256, args.trials * args.batch * 8))
     ray.init(num_cpus=2 if args.cpu else None, include_dashboard=False, log_to_driver=False)
+    # Each run starts its sweeps afresh: raylora refuses to mix a new run into an earlier run's directory.
+    shutil.rmtree(root / "storage", ignore_errors=True)
     rows = []
     for mode in args.modes.split(","):
         tp.log(f"== {mode}")

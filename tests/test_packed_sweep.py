@@ -15,7 +15,7 @@ from ray import tune
 from raylora.config import ConfigError, demo_config
 from raylora.names import EVAL_LOSS, PACK_ENGINE, STEP
 from raylora.sweep import Resources, Sweep, experiment_path, run_sweep
-from raylora.sweep.packing import engine_prefix
+from raylora.sweep.packing import _Admission, engine_prefix
 from raylora.tracking import MlflowTracker
 from raylora.training import train
 
@@ -167,3 +167,25 @@ def test_a_pack_that_cannot_apply_is_refused_with_the_reason(tmp_path):
     for bad in (-1, None, "yes"):
         with pytest.raises(ConfigError, match=r"`sweep.pack` must be true, false or a number"):
             Sweep(name="bad-pack", base=base, pack=bad).validate()
+
+
+def test_a_gpu_engine_lets_one_adapter_step_alone_before_it_plans_the_rest():
+    """Admission from a measured step: with nothing measured, a pack of eight large trials once took all eight
+    and ran out of memory on its first step (then again with seven, six...)."""
+    gib = 1024**3
+    admission = _Admission(cap=8)
+    assert admission.fits(active=0, total_bytes=140 * gib, peak_bytes=3 * gib) == 1
+    assert admission.fits(active=1, total_bytes=140 * gib, peak_bytes=3 * gib) == 1  # no room before a step
+    # The first step: 3 GiB of base, 35 GiB at its peak with one adapter.
+    admission.learn(active=1, peak_bytes=35 * gib, base_bytes=3 * gib)
+    # 0.85 x 140 = 119 GiB to fill; 84 free at 32 a piece: two more.
+    assert admission.fits(active=1, total_bytes=140 * gib, peak_bytes=35 * gib) == 3
+    # A later step that took more per adapter lowers the plan; one that took less does not raise it.
+    admission.learn(active=3, peak_bytes=111 * gib, base_bytes=3 * gib)
+    admission.learn(active=3, peak_bytes=60 * gib, base_bytes=3 * gib)
+    assert admission.per_adapter_bytes == 36 * gib
+    assert admission.fits(active=3, total_bytes=140 * gib, peak_bytes=111 * gib) == 3
+    # Small trials fill the cap and no more.
+    small = _Admission(cap=8)
+    small.learn(active=1, peak_bytes=5 * gib, base_bytes=3 * gib)
+    assert small.fits(active=1, total_bytes=140 * gib, peak_bytes=5 * gib) == 8

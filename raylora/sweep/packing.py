@@ -19,7 +19,7 @@ engine dies, its trials' relays fail, and Tune retries them from their last chec
 trial; a retried trial starts a new engine.
 
 How many adapters share an engine: at most `Sweep.pack` (a number), and on a GPU only as many as fit, from
-the memory the first step of each adapter took (`_Admission`).
+the memory the steps so far took per adapter (`_Admission`); the first adapter steps alone to measure it.
 """
 
 from __future__ import annotations
@@ -195,12 +195,23 @@ class _Admission:
 
     def capacity(self, active: int, device) -> int:
         """Adapters this engine can hold: the cap, and on a GPU what the free memory takes at the measured rate."""
-        if device is None or device.type != "cuda" or not active or self.per_adapter_bytes is None:
+        if device is None or device.type != "cuda":
             return self.cap
         import torch
 
         total = torch.cuda.get_device_properties(device).total_memory
-        free = _MEMORY_FILL * total - torch.cuda.max_memory_allocated(device)
+        return self.fits(active, total, torch.cuda.max_memory_allocated(device))
+
+    def fits(self, active: int, total_bytes: float, peak_bytes: float) -> int:
+        """Adapters that fit a device of `total_bytes` whose pack has peaked at `peak_bytes` with `active` adapters.
+
+        Until a step has measured what one adapter takes, the first adapter steps alone: admitting up to the cap
+        at once ran packs of large trials out of memory on their first step, and every adapter of a failed step
+        is retried.
+        """
+        if self.per_adapter_bytes is None:
+            return min(self.cap, 1)
+        free = _MEMORY_FILL * total_bytes - peak_bytes
         return max(1, min(self.cap, active + int(free // self.per_adapter_bytes)))
 
     def room(self, active: int, device) -> bool:
@@ -211,8 +222,11 @@ class _Admission:
         if device.type == "cuda" and active:
             import torch
 
-            peak = torch.cuda.max_memory_allocated(device)
-            self.per_adapter_bytes = max(self.per_adapter_bytes or 0.0, (peak - base_bytes) / active)
+            self.learn(active, torch.cuda.max_memory_allocated(device), base_bytes)
+
+    def learn(self, active: int, peak_bytes: float, base_bytes: float) -> None:
+        """Keep the largest share of a step's peak over the base that one of `active` adapters has taken."""
+        self.per_adapter_bytes = max(self.per_adapter_bytes or 0.0, (peak_bytes - base_bytes) / active)
 
 
 def _engine_class():
