@@ -169,23 +169,34 @@ def test_a_pack_that_cannot_apply_is_refused_with_the_reason(tmp_path):
             Sweep(name="bad-pack", base=base, pack=bad).validate()
 
 
-def test_a_gpu_engine_lets_one_adapter_step_alone_before_it_plans_the_rest():
-    """Admission from a measured step: with nothing measured, a pack of eight large trials once took all eight
+def test_a_gpu_engine_admits_adapters_one_at_a_time_from_measured_steps():
+    """Admission from measured steps: with nothing measured, a pack of eight large trials once took all eight
     and ran out of memory on its first step (then again with seven, six...)."""
     gib = 1024**3
+    total = 140 * gib  # 0.85 of it is filled: 119 GiB
     admission = _Admission(cap=8)
-    assert admission.fits(active=0, total_bytes=140 * gib, peak_bytes=3 * gib) == 1
-    assert admission.fits(active=1, total_bytes=140 * gib, peak_bytes=3 * gib) == 1  # no room before a step
-    # The first step: 3 GiB of base, 35 GiB at its peak with one adapter.
-    admission.learn(active=1, peak_bytes=35 * gib, base_bytes=3 * gib)
-    # 0.85 x 140 = 119 GiB to fill; 84 free at 32 a piece: two more.
-    assert admission.fits(active=1, total_bytes=140 * gib, peak_bytes=35 * gib) == 3
-    # A later step that took more per adapter lowers the plan; one that took less does not raise it.
-    admission.learn(active=3, peak_bytes=111 * gib, base_bytes=3 * gib)
-    admission.learn(active=3, peak_bytes=60 * gib, base_bytes=3 * gib)
-    assert admission.per_adapter_bytes == 36 * gib
-    assert admission.fits(active=3, total_bytes=140 * gib, peak_bytes=111 * gib) == 3
-    # Small trials fill the cap and no more.
-    small = _Admission(cap=8)
-    small.learn(active=1, peak_bytes=5 * gib, base_bytes=3 * gib)
-    assert small.fits(active=1, total_bytes=140 * gib, peak_bytes=5 * gib) == 8
+    assert admission.fits(0, total) == 1
+    assert admission.fits(1, total) == 1  # no second adapter before the first has stepped
+    admission.learn(active=1, peak_bytes=33 * gib, base_bytes=3 * gib)  # 30 GiB over the base
+    assert admission.fits(1, total) == 2
+    assert admission.fits(2, total) == 2  # the pair must step before a third joins
+    # Two took 70 GiB: the second added 40, more than the first's 30; the next is planned at 40.
+    admission.learn(active=2, peak_bytes=73 * gib, base_bytes=3 * gib)
+    assert admission.per_adapter_bytes == 40 * gib
+    assert admission.fits(2, total) == 3  # 3 + 70 + 40 = 113 <= 119
+    # A later step of the pair peaked higher (77 GiB): the second adapter added 47, and 3 + 77 + 47 > 119.
+    admission.learn(active=2, peak_bytes=80 * gib, base_bytes=3 * gib)
+    assert admission.per_adapter_bytes == 47 * gib
+    assert admission.fits(2, total) == 2
+    # One of the pair leaves. The one left steps; the device's peak (kept since the pack began) is the pair's.
+    admission.learn(active=1, peak_bytes=80 * gib, base_bytes=3 * gib)
+    assert admission.fits(1, total) == 2  # a pair stepped before: the slot is taken again
+    # A step that ran out of memory: never that many again.
+    admission.failed(2)
+    assert admission.cap == 1 and admission.fits(1, total) == 1
+    # Small trials fill the cap, one join per step.
+    small = _Admission(cap=3)
+    for active in (1, 2, 3):
+        assert small.fits(active - 1, total) == active
+        small.learn(active=active, peak_bytes=(3 + 2 * active) * gib, base_bytes=3 * gib)
+    assert small.fits(3, total) == 3

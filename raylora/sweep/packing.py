@@ -19,7 +19,8 @@ engine dies, its trials' relays fail, and Tune retries them from their last chec
 trial; a retried trial starts a new engine.
 
 How many adapters share an engine: at most `Sweep.pack` (a number), and on a GPU only as many as fit, from
-the memory the steps so far took per adapter (`_Admission`); the first adapter steps alone to measure it.
+the memory the steps so far took per adapter (`_Admission`): adapters join one at a time, each after a step
+that measured the pack at its size.
 """
 
 from __future__ import annotations
@@ -187,32 +188,45 @@ class _Member:
 
 
 class _Admission:
-    """How many adapters fit: a count cap, and on a GPU the memory the adapters' first steps took."""
+    """How many adapters fit: a count cap, and on a GPU what the steps so far took per adapter.
+
+    Adapters join one at a time, each after a step at the pack's current size: a step's peak is only known
+    once it ran, and a pack's memory need not grow in proportion to its adapters (a pack of 8 x 2048-token
+    1B adapters planned from one adapter's first step ran out of memory). A join is planned from the peak
+    of the pack's current size plus the larger of two estimates of one adapter: the average of the largest
+    size that stepped, and what the last adapter to join added to the peak. A size that has stepped before
+    is taken again (a slot that an adapter left is refilled).
+    """
 
     def __init__(self, cap: int) -> None:
         self.cap = cap
         self.per_adapter_bytes: float | None = None
+        self.base_bytes = 0.0
+        # adapters in a step -> the peak over the base when a step of that size ran (the device's peak since
+        # the pack began: a size that stepped after a larger one is over-estimated, which errs safe)
+        self._peaks: dict[int, float] = {}
 
     def capacity(self, active: int, device) -> int:
-        """Adapters this engine can hold: the cap, and on a GPU what the free memory takes at the measured rate."""
+        """Adapters this engine can hold now: the cap, and on a GPU one more than `active` if it fits."""
         if device is None or device.type != "cuda":
             return self.cap
         import torch
 
-        total = torch.cuda.get_device_properties(device).total_memory
-        return self.fits(active, total, torch.cuda.max_memory_allocated(device))
+        return self.fits(active, torch.cuda.get_device_properties(device).total_memory)
 
-    def fits(self, active: int, total_bytes: float, peak_bytes: float) -> int:
-        """Adapters that fit a device of `total_bytes` whose pack has peaked at `peak_bytes` with `active` adapters.
-
-        Until a step has measured what one adapter takes, the first adapter steps alone: admitting up to the cap
-        at once ran packs of large trials out of memory on their first step, and every adapter of a failed step
-        is retried.
-        """
-        if self.per_adapter_bytes is None:
-            return min(self.cap, 1)
-        free = _MEMORY_FILL * total_bytes - peak_bytes
-        return max(1, min(self.cap, active + int(free // self.per_adapter_bytes)))
+    def fits(self, active: int, total_bytes: float) -> int:
+        """Adapters a device of `total_bytes` can hold when `active` are in its pack: `active` + 1 when one more
+        fits under the fill, else `active` (the first one always)."""
+        if active >= self.cap:
+            return self.cap
+        if active == 0:
+            return 1
+        if active + 1 in self._peaks:
+            return active + 1  # it stepped before at that size
+        if active not in self._peaks or self.per_adapter_bytes is None:
+            return active  # this size has not stepped yet
+        need = self.base_bytes + self._peaks[active] + self.per_adapter_bytes
+        return active + 1 if need <= _MEMORY_FILL * total_bytes else active
 
     def room(self, active: int, device) -> bool:
         return active < self.capacity(active, device)
@@ -225,8 +239,21 @@ class _Admission:
             self.learn(active, torch.cuda.max_memory_allocated(device), base_bytes)
 
     def learn(self, active: int, peak_bytes: float, base_bytes: float) -> None:
-        """Keep the largest share of a step's peak over the base that one of `active` adapters has taken."""
-        self.per_adapter_bytes = max(self.per_adapter_bytes or 0.0, (peak_bytes - base_bytes) / active)
+        """Record a step of `active` adapters that peaked at `peak_bytes` over a base of `base_bytes`."""
+        self.base_bytes = base_bytes
+        self._peaks[active] = max(self._peaks.get(active, 0.0), peak_bytes - base_bytes)
+        largest = max(self._peaks)
+        estimate = self._peaks[largest] / largest
+        below = [k for k in self._peaks if k < largest]
+        if below:
+            k = max(below)
+            estimate = max(estimate, (self._peaks[largest] - self._peaks[k]) / (largest - k))
+        self.per_adapter_bytes = max(self.per_adapter_bytes or 0.0, estimate)
+
+    def failed(self, active: int) -> None:
+        """A step of `active` adapters ran out of memory: never that many again."""
+        self.cap = max(1, active - 1)
+        self._peaks = {k: v for k, v in self._peaks.items() if k < active}
 
 
 def _engine_class():
@@ -449,7 +476,7 @@ def _engine_class():
                     self._leaving.add(name)
                 if "out of memory" in str(error).lower():
                     # Fewer adapters next time: the memory measured so far was not enough.
-                    self._admission.cap = max(1, len(self._members) - 1)
+                    self._admission.failed(len(self._members))
 
     return PackEngine
 
