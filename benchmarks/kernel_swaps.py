@@ -4,12 +4,9 @@ Each swap goes through raylora's own loop (`raylora.training.train` -> `LoraReci
 that `raylora.recipe` calls, for the duration of one run, so that a row measures the library doing the same
 job as the piece it replaces and nothing else:
 
-- `liger_ce`: the loss of a frozen output head. raylora applies the head 2048 tokens at a time with the
-  cross-entropy and its gradient written out and compiled (`raylora.loss.head_loss_and_grad`); here Liger's
-  fused linear cross-entropy (`liger_kernel.ops.fused_linear_cross_entropy`) gets the whole micro-batch and
-  chunks it itself. Same function: the summed next-token cross-entropy over the trained positions and its
-  gradient with respect to the hidden states (the head is frozen, so no weight gradient is computed).
-  Evaluation and trained heads keep raylora's path (`token_loss_sum`).
+- The head loss is no longer a swap: Liger's fused linear cross-entropy measured faster than raylora's
+  compiled chunked loss and became raylora's own (`training.head_loss`, `raylora.loss`); the rows
+  `raylora-liger-ce` and `raylora-chunked-ce` set that field.
 - `ao_fp8`: `training.fp8` through torchao's float8 training (`torchao.float8.convert_to_float8_training`,
   tensorwise dynamic scales) instead of raylora's `Float8Linear`, on the same layers (every frozen linear of
   the decoder layers, `raylora.fastpath.float8_ready`). torchao keeps each bf16 weight and casts it every
@@ -26,7 +23,6 @@ piece in raylora (BENCHMARKS.md says which measured faster).
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Iterator
 
 import torch
@@ -36,67 +32,15 @@ IGNORE_INDEX = -100  # raylora.data.IGNORE_INDEX; the labels raylora's loop buil
 _LIGER_OPS_APPLIED = False
 
 
-class _LigerFrozenHeadCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of ``hidden @ weight.T`` by Liger, its gradient w.r.t. `hidden` taken in forward
-    (as Liger does), so backward only scales it."""
+def check_liger() -> None:
+    """Liger's fused linear cross-entropy takes the arguments raylora passes (`raylora.loss.liger_available`)."""
+    from raylora.loss import liger_available
 
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, label_smoothing, dtype):  # type: ignore[override]
-        from liger_kernel.ops.fused_linear_cross_entropy import fused_linear_cross_entropy_forward
-
-        out = fused_linear_cross_entropy_forward(
-            hidden.detach().to(dtype).contiguous(),
-            weight.detach().to(dtype),
-            targets.contiguous(),
-            ignore_index=IGNORE_INDEX,
-            label_smoothing=label_smoothing,
-            reduction="sum",
-            compute_gradients=True,  # the detached input does not require grad; its gradient is wanted
-            weight_requires_grad=False,  # frozen head
-        )
-        loss, grad = out[0], out[4]
-        ctx.save_for_backward(grad)
-        ctx.hidden_dtype = hidden.dtype
-        return loss.float()
-
-    @staticmethod
-    def backward(ctx, grad_output):  # type: ignore[override]
-        (grad,) = ctx.saved_tensors
-        # Scale in fp32, as raylora's `_FrozenHeadCrossEntropy` does (the loop scales the loss by 1/tokens).
-        return (grad.float() * grad_output).to(ctx.hidden_dtype), None, None, None, None
-
-
-def _check_liger_signature() -> None:
-    from liger_kernel.ops.fused_linear_cross_entropy import fused_linear_cross_entropy_forward
-
-    wanted = {"compute_gradients", "weight_requires_grad", "reduction", "label_smoothing", "ignore_index"}
-    missing = wanted - set(inspect.signature(fused_linear_cross_entropy_forward).parameters)
-    if missing:
+    if not liger_available():
         raise RuntimeError(
-            f"liger_kernel's fused_linear_cross_entropy_forward lacks {sorted(missing)}: this benchmark was "
-            "written against liger-kernel 0.8.5 (benchmarks/device_wheels.sh)"
+            "liger-kernel is not importable here or its fused_linear_cross_entropy_forward lacks the arguments "
+            "raylora passes: this benchmark was written against liger-kernel 0.8.5 (benchmarks/device_wheels.sh)"
         )
-
-
-def liger_token_loss_sum(original):
-    """`raylora.loss.token_loss_sum` with Liger's fused linear cross-entropy for a frozen, plain head."""
-
-    def token_loss_sum(output, labels, label_smoothing, *, head_loss=None):
-        head = output.head
-        if (
-            head is None
-            or not (torch.is_grad_enabled() and output.hidden.requires_grad)
-            or type(head) is not torch.nn.Linear
-            or head.bias is not None
-            or head.weight.requires_grad
-        ):
-            return original(output, labels, label_smoothing, head_loss=head_loss)
-        hidden = output.hidden[:, :-1].reshape(-1, output.hidden.size(-1))
-        targets = labels[:, 1:].reshape(-1)
-        dtype = output.autocast_dtype or head.weight.dtype
-        return _LigerFrozenHeadCrossEntropy.apply(hidden, head.weight, targets, label_smoothing, dtype)
-
-    return token_loss_sum
 
 
 def torchao_convert_to_float8(layers: list[torch.nn.Module]) -> int:
@@ -122,15 +66,12 @@ def torchao_convert_to_float8(layers: list[torch.nn.Module]) -> int:
 
 
 @contextlib.contextmanager
-def patched(*, liger_ce: bool = False, ao_fp8: bool = False) -> Iterator[None]:
+def patched(*, ao_fp8: bool = False) -> Iterator[None]:
     """Within the block, raylora's loop uses the named library kernels (see the module docstring)."""
     import raylora.recipe as recipe
 
-    saved = {"token_loss_sum": recipe.token_loss_sum, "convert_to_float8": recipe.convert_to_float8}
+    saved = {"convert_to_float8": recipe.convert_to_float8}
     try:
-        if liger_ce:
-            _check_liger_signature()
-            recipe.token_loss_sum = liger_token_loss_sum(saved["token_loss_sum"])
         if ao_fp8:
             recipe.convert_to_float8 = torchao_convert_to_float8
         yield

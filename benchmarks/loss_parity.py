@@ -22,8 +22,9 @@ Runs, each a fresh model:
   function (weights and activations rounded to e4m3, gradients to e5m2), so the bf16 tolerance does not
   apply. Its tolerance, stated before the first run: every step within 1% of the anchor's loss, and the
   curve's fall over the run (first step's loss minus the last's) within 2% of the anchor's fall.
-- Library kernels in place of raylora's own (benchmarks/kernel_swaps.py; run with `--runs`), without dropout:
-  `raylora-liger-ce p=0` (Liger's fused linear cross-entropy as the head loss), `raylora-liger p=0` (that and
+- Head losses and library kernels (run with `--runs`), without dropout: `raylora-liger-ce p=0` and
+  `raylora-chunked-ce p=0` (`training.head_loss` "liger" and "chunked": on a GPU with liger-kernel,
+  `raylora p=0` is the first, its default), `raylora-liger p=0` (Liger's head loss and
   Liger's RMSNorm, RoPE and SwiGLU, compiled layers), `raylora-liger-eager p=0` (the same, compile off):
   the same function as the anchor's, so the bf16 tolerance above applies: every step within 0.02 nats of
   `anchor p=0`. `raylora-ao-fp8 p=0` (training.fp8 through torchao's float8 training): the fp8 tolerance
@@ -59,6 +60,7 @@ def raylora_config(
     work: Path,
     compile_mode: str,
     fp8: bool = False,
+    head_loss: str = "auto",
 ):
     from raylora.config import AdapterConfig, DataConfig, FinetuneConfig, ModelConfig, TrainingConfig
 
@@ -83,6 +85,7 @@ def raylora_config(
             seed=0,
             compile=compile_mode,
             fp8=fp8,
+            head_loss=head_loss,
         ),
     )
 
@@ -178,11 +181,11 @@ def run_anchor(
     return losses, norms
 
 
-def run_raylora(config, *, liger_ce: bool = False, ao_fp8: bool = False) -> tuple[list[float], list[float]]:
+def run_raylora(config, *, ao_fp8: bool = False) -> tuple[list[float], list[float]]:
     from raylora.training import train
 
     reporter = tp._TimingReporter()
-    with kernel_swaps.patched(liger_ce=liger_ce, ao_fp8=ao_fp8):
+    with kernel_swaps.patched(ao_fp8=ao_fp8):
         train(config, reporter=reporter)
     return reporter.losses, reporter.grad_norms
 
@@ -197,10 +200,11 @@ RUNS: dict[str, tuple[float, int, dict]] = {
     "raylora-eager p=0": (0.0, 0, {"compile_mode": "off"}),
     "raylora-fp8 p=0": (0.0, 0, {"fp8": True}),
     "raylora-ao-fp8 p=0": (0.0, 0, {"fp8": True, "ao_fp8": True}),
-    "raylora-liger-ce p=0": (0.0, 0, {"liger_ce": True}),
+    "raylora-liger-ce p=0": (0.0, 0, {"head_loss": "liger"}),
+    "raylora-chunked-ce p=0": (0.0, 0, {"head_loss": "chunked"}),
     # Liger's ops patch transformers process-wide: these run last (see the docstring)
-    "raylora-liger p=0": (0.0, 0, {"liger_ops": True, "liger_ce": True}),
-    "raylora-liger-eager p=0": (0.0, 0, {"liger_ops": True, "liger_ce": True, "compile_mode": "off"}),
+    "raylora-liger p=0": (0.0, 0, {"liger_ops": True, "head_loss": "liger"}),
+    "raylora-liger-eager p=0": (0.0, 0, {"liger_ops": True, "head_loss": "liger", "compile_mode": "off"}),
 }
 DEFAULT_RUNS = ["anchor p=0", "raylora p=0", "anchor p=0.05", "anchor p=0.05 seed 1", "raylora p=0.05"]
 BF16_TOLERANCE = 0.02  # nats, every step, runs without dropout that compute the anchor's function
@@ -248,7 +252,7 @@ def main() -> None:
             continue
         options = dict(options)
         liger_ops = options.pop("liger_ops", False)
-        if (liger_ops or options.get("liger_ce")) and not tp.CUDA:
+        if (liger_ops or options.get("head_loss") == "liger") and not tp.CUDA:
             tp.log(
                 f"{name}: not run: Liger's kernels need a CUDA GPU ({tp.import_check(tp.parse_impl('raylora-liger-ops'))})"
             )
@@ -265,6 +269,7 @@ def main() -> None:
             work,
             options.pop("compile_mode", a.compile),
             fp8=options.pop("fp8", False),
+            head_loss=options.pop("head_loss", "auto"),
         )
         started = time.perf_counter()
         try:

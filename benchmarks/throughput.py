@@ -16,8 +16,9 @@ Anchors (issues 6 and 18):
   with Unsloth's default `use_gradient_checkpointing="unsloth"` (activations offloaded to host memory).
 - `anchor-unsloth-nockpt`: the same without gradient checkpointing (faster, more memory).
 raylora (`raylora.training.train`, the loop's defaults unless the name says otherwise):
-- `raylora`: defaults (compiled decoder layers on a GPU, the lean LoRA branch, the compiled chunked head
-  loss; activation checkpointing under QLoRA only).
+- `raylora`: defaults (compiled decoder layers on a GPU, the lean LoRA branch, the head loss by Liger's fused
+  linear cross-entropy where liger-kernel is installed, else the compiled chunked loss; activation
+  checkpointing under QLoRA only).
 - `raylora-warm`: the defaults again, with the on-disk compile caches (inductor's, Triton's) that the
   `raylora` row of the same shape, targets and mode left: what a later trial on the same node pays (the
   in-memory caches are those of the rows run in between, which start cold). Every other compiled raylora
@@ -27,7 +28,9 @@ raylora (`raylora.training.train`, the loop's defaults unless the name says othe
 - `raylora-fp8`: `training.fp8=True` (raylora's `Float8Linear`); bf16 LoRA rows only.
 - `raylora-ckpt-all`, `raylora-ckpt-F` (F a fraction): `training.activation_checkpointing` True or F.
 Library kernels in place of raylora's hand-written pieces (benchmarks/kernel_swaps.py says what each replaces):
-- `raylora-liger-ce`: Liger's fused linear cross-entropy as the head loss.
+- `raylora-liger-ce`, `raylora-chunked-ce`: `training.head_loss` "liger" (Liger's fused linear
+  cross-entropy) and "chunked" (raylora's own, compiled with the layers): the library against the piece it
+  replaced by default.
 - `raylora-ao-fp8`: `training.fp8` through torchao's float8 training instead of raylora's `Float8Linear`.
 - `raylora-liger-ops`: Liger's RMSNorm, RoPE and SwiGLU on the base model, with raylora's compiled layers.
 - `raylora-liger-eager`: Liger's RMSNorm, RoPE, SwiGLU and linear cross-entropy, compile off: Liger's kernels
@@ -275,7 +278,7 @@ class Impl:
         """Why the row cannot run without a GPU (None: it can)."""
         if self.family == "unsloth":
             return "Unsloth needs a GPU"
-        if self.family == "liger" or self.options.get("liger_ce"):
+        if self.family == "liger" or self.options.get("head_loss") == "liger":
             return "Liger's kernels are Triton GPU kernels"
         return None
 
@@ -287,10 +290,11 @@ RAYLORA_IMPLS: dict[str, dict] = {
     "raylora-v0": dict(v0=True, compile_mode="off"),
     "raylora-fp8": dict(fp8=True),
     "raylora-ckpt-all": dict(activation_checkpointing=True),
-    "raylora-liger-ce": dict(liger_ce=True),
+    "raylora-liger-ce": dict(head_loss="liger"),
+    "raylora-chunked-ce": dict(head_loss="chunked"),
     "raylora-ao-fp8": dict(fp8=True, ao_fp8=True),
     "raylora-liger-ops": dict(liger_ops=True),
-    "raylora-liger-eager": dict(liger_ops=True, liger_ce=True, compile_mode="off"),
+    "raylora-liger-eager": dict(liger_ops=True, head_loss="liger", compile_mode="off"),
 }
 ANCHOR_IMPLS: dict[str, Impl] = {
     "anchor": Impl("anchor", "hf", "main"),
@@ -600,7 +604,6 @@ def run_raylora(
     compile_mode: str = "auto",
     reporter: _TimingReporter | None = None,
     *,
-    liger_ce: bool = False,
     ao_fp8: bool = False,
     liger_ops: bool = False,
     warm_cache: bool = False,
@@ -651,7 +654,7 @@ def run_raylora(
     cache_key = (shape, targets, mode, compile_mode, tuple(sorted(training.items())), liger_ops, ao_fp8)
     try:
         with (
-            kernel_swaps.patched(liger_ce=liger_ce, ao_fp8=ao_fp8),
+            kernel_swaps.patched(ao_fp8=ao_fp8),
             compile_cache(cache_key, warm_cache, work.parent),
         ):
             train(config, reporter=reporter)
@@ -754,8 +757,8 @@ def exact_error(error: BaseException) -> str:
 def import_check(impl: Impl) -> str:
     """Without a GPU: whether the row's library at least imports (and has the API used here)."""
     try:
-        if impl.options.get("liger_ce") or impl.options.get("liger_ops"):
-            kernel_swaps._check_liger_signature()
+        if impl.options.get("head_loss") == "liger" or impl.options.get("liger_ops"):
+            kernel_swaps.check_liger()
         return "import OK"
     except Exception as error:
         return f"import failed: {exact_error(error)}"
@@ -1030,7 +1033,7 @@ def compile_payoff(rows: list[dict], trial_steps: int = 200) -> str:
 
 # (library row, hand-written baseline): benchmarks/kernel_swaps.py says what each swaps.
 LIBRARY_PAIRS = [
-    ("raylora-liger-ce", "raylora"),
+    ("raylora-liger-ce", "raylora-chunked-ce"),
     ("raylora-liger-ops", "raylora"),
     ("raylora-liger-eager", "raylora"),
     ("raylora-liger-eager", "raylora-eager"),

@@ -52,6 +52,7 @@ LR_SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
 # `auto`: inductor on GPUs (one worker or several), off on the CPU; `aot_eager` traces without generating kernels.
 COMPILE_MODES = ("auto", "off", "inductor", "aot_eager")
+HEAD_LOSSES = ("auto", "liger", "chunked")
 
 
 class ConfigError(ValueError):
@@ -471,6 +472,13 @@ class TrainingConfig:
         "where compiling costs more than it saves), off, inductor, or aot_eager (traced, eager kernels).",
         default="auto",
     )
+    head_loss: str = _help(
+        "How the loss of the frozen output head is computed: auto (Liger's fused linear cross-entropy on GPUs "
+        "when liger-kernel is installed, `pip install 'raylora[gpu]'`, and label smoothing is off; raylora's "
+        "chunked loss otherwise), liger, or chunked (the head 2048 tokens at a time, compiled with the layers). "
+        "Both compute the same loss; BENCHMARKS.md measures them.",
+        default="auto",
+    )
     fp8: bool = _help(
         "Run the frozen base's linear layers in FP8 (weights stored in float8, per-tensor scales): faster "
         "matmuls on GPUs with FP8 tensor cores (compute capability 8.9+: H100, H200, L4, B200), half the base "
@@ -511,6 +519,7 @@ class TrainingConfig:
         _choice(problems, "training.lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _choice(problems, "training.precision", self.precision, PRECISIONS)
         _choice(problems, "training.compile", self.compile, COMPILE_MODES)
+        _choice(problems, "training.head_loss", self.head_loss, HEAD_LOSSES)
         checkpointing = self.activation_checkpointing
         if not (
             checkpointing is None

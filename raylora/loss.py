@@ -13,6 +13,11 @@ frozen head (every real LoRA run), `_FrozenHeadCrossEntropy` takes each chunk's 
 hidden states right after its loss, so backward has nothing to recompute; `head_loss_and_grad` writes that
 arithmetic out so that `torch.compile` fuses it.
 
+Which head loss a run uses (`training.head_loss`, `choose_head_loss`): on a GPU with liger-kernel installed,
+Liger's fused linear cross-entropy does the same job (the loss and the hidden states' gradient, chunked by
+Liger); it measured at least as fast as the compiled chunked loss, with a shorter first step, since nothing
+is compiled (BENCHMARKS.md, round 4). Elsewhere, raylora's own chunked loss.
+
 Under FSDP2 the same chunked loss applies: the decoder's output is taken from the whole model's forward (the
 root unit's forward must run), with the head applied to no position there, and the head's unit keeps its
 weight gathered until the end of the step (`raylora.distributed.shard_with_fsdp2`).
@@ -20,6 +25,11 @@ weight gathered until the end of the step (`raylora.distributed.shard_with_fsdp2
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import inspect
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,17 +37,23 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from raylora.config import ConfigError, TrainingConfig
 from raylora.data import IGNORE_INDEX
 from raylora.model import unwrap
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "LOSS_CHUNK_TOKENS",
     "ModelOutput",
+    "choose_head_loss",
     "chunkable_head",
     "compiled_head_loss",
     "count_targets",
     "forward",
     "head_loss_and_grad",
+    "liger_available",
+    "liger_head_loss_and_grad",
     "token_loss_sum",
 ]
 
@@ -204,8 +220,10 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, targets, head, label_smoothing, autocast_dtype, head_loss):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad = torch.empty_like(hidden)
-        for start in range(0, hidden.size(0), LOSS_CHUNK_TOKENS):
-            end = start + LOSS_CHUNK_TOKENS
+        # Liger chunks the micro-batch itself: one call over all of it.
+        tokens = max(hidden.size(0), 1) if head_loss is liger_head_loss_and_grad else LOSS_CHUNK_TOKENS
+        for start in range(0, hidden.size(0), tokens):
+            end = start + tokens
             if head_loss is not None:
                 # The same arithmetic written out for the compiler (`head_loss_and_grad`).
                 dtype = autocast_dtype or head.weight.dtype
@@ -277,3 +295,80 @@ def head_loss_and_grad(
 def compiled_head_loss(backend: str):
     """`head_loss_and_grad` compiled with `backend` (dynamic shapes: the last chunk of a batch is shorter)."""
     return torch.compile(head_loss_and_grad, backend=backend, dynamic=True)
+
+
+# The keyword arguments of Liger's fused linear cross-entropy that `liger_head_loss_and_grad` passes.
+_LIGER_ARGUMENTS = frozenset(
+    {"ignore_index", "label_smoothing", "reduction", "compute_gradients", "weight_requires_grad"}
+)
+
+
+@functools.cache
+def liger_available() -> bool:
+    """liger-kernel is installed (`pip install 'raylora[gpu]'`) and its fused linear cross-entropy takes the
+    arguments `liger_head_loss_and_grad` passes (it has taken them since liger-kernel 0.8.5)."""
+    if importlib.util.find_spec("liger_kernel") is None:
+        return False
+    try:
+        from liger_kernel.ops.fused_linear_cross_entropy import fused_linear_cross_entropy_forward
+    except ImportError:  # e.g. no Triton on this machine
+        return False
+    return set(inspect.signature(fused_linear_cross_entropy_forward).parameters) >= _LIGER_ARGUMENTS
+
+
+def liger_head_loss_and_grad(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    label_smoothing: float,
+    ignore_index: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`head_loss_and_grad` by Liger's fused linear cross-entropy, over a whole micro-batch (Liger chunks it
+    itself, keeping no logits): the summed loss in fp32 and the gradient w.r.t. `hidden`. The head is frozen,
+    so Liger forms no weight gradient."""
+    from liger_kernel.ops.fused_linear_cross_entropy import fused_linear_cross_entropy_forward
+
+    out = fused_linear_cross_entropy_forward(
+        hidden.contiguous(),
+        weight,
+        targets.contiguous(),
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        reduction="sum",
+        compute_gradients=True,  # `hidden` is detached: its gradient is wanted all the same
+        weight_requires_grad=False,
+    )
+    loss, grad_input = (
+        out[0],
+        out[4],
+    )  # (loss, z_loss, accuracy, predicted tokens, grad input, grad weight, bias)
+    return loss.float(), grad_input
+
+
+def choose_head_loss(training: TrainingConfig, device: torch.device, backend: str | None) -> Callable | None:
+    """The function a run's frozen head takes its loss and gradient with (`_FrozenHeadCrossEntropy`), per
+    `training.head_loss`: Liger's (`auto` on a GPU with liger-kernel installed, without label smoothing, the
+    setting its loss parity was measured at), else the chunked loss, compiled with `backend` or eager (None).
+
+    Raises:
+        ConfigError: `liger` asked for where it cannot run (no GPU, or liger-kernel missing).
+    """
+    choice = training.head_loss
+    if choice == "liger":
+        if device.type != "cuda":
+            raise ConfigError(
+                f"`training.head_loss` is 'liger', but this run trains on the {device.type}: Liger's kernels "
+                "run on GPUs; use 'auto' (Liger on GPUs, the chunked loss elsewhere) or 'chunked'"
+            )
+        if not liger_available():
+            raise ConfigError(
+                "`training.head_loss` is 'liger', but liger-kernel (>= 0.8.5) is not importable on this "
+                "worker; install it (`pip install 'raylora[gpu]'`) or use 'auto' or 'chunked'"
+            )
+    use_liger = choice == "liger" or (
+        choice == "auto" and device.type == "cuda" and training.label_smoothing == 0 and liger_available()
+    )
+    if use_liger:
+        logger.info("head loss: Liger's fused linear cross-entropy (training.head_loss=%s)", choice)
+        return liger_head_loss_and_grad
+    return compiled_head_loss(backend) if backend is not None else None

@@ -54,8 +54,8 @@ from raylora.distributed import Workers
 from raylora.fastpath import DropoutSeeds, compile_layers, install_lean_lora, seed_dropout
 from raylora.loss import (
     ModelOutput,
+    choose_head_loss,
     chunkable_head,
-    compiled_head_loss,
     count_targets,
     forward,
     token_loss_sum,
@@ -206,14 +206,6 @@ class PackedTrainer:
         self.workers = workers or Workers.detect()
         if self.workers.world_size > 1:
             raise ConfigError("a pack trains on one worker; run several-worker trials the ordinary way")
-        self.tokenizer = load_tokenizer(base.model)
-        self.data: TokenizedData = load_data(base.data, self.tokenizer, seed=base.training.seed)
-        self.base = load_base_model(base.model, qlora=base.adapter.qlora, device=self.workers.device)
-        self._base_params = count_parameters(self.base).total
-        fraction = activation_checkpointing(base)
-        if fraction:
-            apply_activation_checkpointing(self.base, fraction)
-        self.head_loss: Any = None  # the chunked loss's eager path
         # `compile="auto"` runs a pack eagerly: its LoRA linear layers are never traced
         # (`raylora.fastpath._packed_forward`), so a compiled decoder layer fuses only the short stretches
         # between them, which measured no faster than eager and cost a cold compile on the engine's first
@@ -224,10 +216,18 @@ class PackedTrainer:
         backend = (
             None if base.training.compile == "auto" else compile_backend(base.training.compile, self.workers)
         )
+        # Before the load: a head loss that cannot run here is refused first.
+        self.head_loss = choose_head_loss(base.training, self.workers.device, backend)
+        self.tokenizer = load_tokenizer(base.model)
+        self.data: TokenizedData = load_data(base.data, self.tokenizer, seed=base.training.seed)
+        self.base = load_base_model(base.model, qlora=base.adapter.qlora, device=self.workers.device)
+        self._base_params = count_parameters(self.base).total
+        fraction = activation_checkpointing(base)
+        if fraction:
+            apply_activation_checkpointing(self.base, fraction)
         if backend is not None:
             torch._dynamo.reset()
             compile_layers(decoder_layers(self.base), backend)
-            self.head_loss = compiled_head_loss(backend)
         self.model: Any = None  # a peft model around `base` once the first adapter joins
         self.autocast = self.workers.autocast(base.training.precision)
         self.layout = PackedRows()

@@ -50,7 +50,7 @@ from raylora.fastpath import (
     install_lean_lora,
     seed_dropout,
 )
-from raylora.loss import compiled_head_loss, count_targets, forward, token_loss_sum
+from raylora.loss import choose_head_loss, count_targets, forward, token_loss_sum
 from raylora.model import (
     ParameterCount,
     apply_lora,
@@ -135,6 +135,9 @@ class LoraRecipe:
         cfg = self.config
         if cfg.training.fp8:
             check_fp8(self.workers)  # before the model is loaded: a wrong GPU should not cost the load
+        # Also before the load: a head loss that cannot run here is refused first.
+        backend = compile_backend(cfg.training.compile, self.workers)
+        self.head_loss: Callable | None = choose_head_loss(cfg.training, self.workers.device, backend)
         torch.manual_seed(cfg.training.seed)  # the adapter's initial weights
         self.tokenizer = load_tokenizer(cfg.model)
         self.data: TokenizedData = load_data(cfg.data, self.tokenizer, seed=cfg.training.seed)
@@ -237,7 +240,6 @@ class LoraRecipe:
         self.parameters: ParameterCount = count_parameters(model)
         self.parameter_bytes = local_parameter_bytes(model)
         self.model = model
-        self.head_loss: Callable | None = None  # the chunked loss's eager path
         backend = compile_backend(cfg.training.compile, workers)
         if backend is not None:
             # A fresh start for dynamo in every run: trials that a reused Ray actor runs one after another
@@ -252,7 +254,6 @@ class LoraRecipe:
                 # eagerly anyway (same losses, measured with aot_eager on a tiny Mixtral).
                 logger.info("decoder layers with adapted routed experts run eagerly (not compiled)")
             compile_layers(layers, backend)
-            self.head_loss = compiled_head_loss(backend)
 
     def _checkpointing_works(self, model: torch.nn.Module) -> bool:
         """Declared by the architecture and measured on a tiny copy of it (`raylora.architecture`)."""

@@ -232,10 +232,12 @@ def test_compile_checkpointing_and_fp8_fields_are_validated(checkpointing):
     config.training.compile = "fast"
     config.training.activation_checkpointing = checkpointing
     config.training.fp8 = "on"
+    config.training.head_loss = "fused"
     with pytest.raises(ConfigError) as error:
         config.validate()
     message = str(error.value)
     assert "`training.compile` must be one of auto, off, inductor, aot_eager; got 'fast'" in message
+    assert "`training.head_loss` must be one of auto, liger, chunked; got 'fused'" in message
     if isinstance(checkpointing, str):  # the wrong type is named first: a string is never read as true
         expected = (
             "`training.activation_checkpointing` must be true or false or a number or None, got 'yes' (str)"
@@ -247,6 +249,27 @@ def test_compile_checkpointing_and_fp8_fields_are_validated(checkpointing):
         )
     assert expected in message
     assert "`training.fp8` must be true or false, got 'on'" in message
+
+
+def test_liger_head_loss_on_the_cpu_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    """Liger's kernels need a GPU: asked for on the CPU, the run stops before the tokenizer, data and base
+    load, with the field, the value and the fix; `auto` takes the chunked loss there."""
+    import raylora.recipe
+    from raylora.loss import choose_head_loss
+    from raylora.training import train
+
+    config = demo_config()
+    config.training.output_dir = str(tmp_path / "run")
+    config.training.head_loss = "liger"
+    loaded = []
+    monkeypatch.setattr(raylora.recipe, "load_tokenizer", lambda *a, **k: loaded.append(a))
+    with pytest.raises(ConfigError, match=r"`training.head_loss` is 'liger', but this run trains on the cpu"):
+        train(config)
+    assert not loaded
+    cpu = torch.device("cpu")
+    config.training.head_loss = "auto"
+    assert choose_head_loss(config.training, cpu, None) is None  # the eager chunked loss
+    assert choose_head_loss(config.training, cpu, "aot_eager") is not None  # compiled with the layers
 
 
 def test_fp8_with_qlora_is_refused_before_any_work():
