@@ -100,7 +100,8 @@ class Sweep:
     `pack` trains the adapters of several 1-worker trials together in one process per GPU that holds the
     base once (`raylora.sweep.packing`): True packs (on a GPU as many as fit, up to 8; on the CPU up to 4), a
     number caps the adapters per process, False (the default) or 0 runs every trial in its own process.
-    Packing is off by default because on one H200 it measured slower than fractional GPUs for small trials
+    Packing is off by default: on one H200 it measured on par with fractional GPUs for small trials (and faster
+    than one trial per GPU), while its memory plan for trials that fill a GPU is not yet measured there
     (BENCHMARKS.md, "Sweep throughput"); it computes the same results.
     """
 
