@@ -83,7 +83,7 @@ def sweep_for(mode: str, args, ckpt: Path, data: Path, storage: Path):
             max_steps=args.steps,
             batch_size=args.batch,
             warmup_steps=min(10, args.steps - 1),
-            eval_every=args.steps,
+            eval_every=args.eval_every or args.steps,
             eval_batches=2,
             log_every=10,
             seed=0,
@@ -99,7 +99,8 @@ def sweep_for(mode: str, args, ckpt: Path, data: Path, storage: Path):
         base=base,
         search_space={"training.learning_rate": tune.grid_search(lrs)},
         search_alg="grid",
-        scheduler="fifo",
+        scheduler=args.scheduler,
+        grace_period=args.eval_every or args.steps,
         num_samples=1,
         resources=Resources(workers=1, cpus_per_worker=cpus, gpus_per_worker=gpu),
         storage_path=str(storage / mode),
@@ -148,6 +149,7 @@ def run_mode(mode: str, args, ckpt: Path, data: Path, storage: Path) -> dict:
         "setup_s": setup,
         "peak_gib": memory.peak_mib / 1024,
         "engines": sorted({t.engine for t in result.trials if t.engine}),
+        "stopped_early": sum(1 for t in result.trials if (t.step or 0) < args.steps),
         "best_lr": best.config["training.learning_rate"] if best else None,
         "best_eval_loss": best.metric if best else None,
         "table": result.table(),
@@ -163,6 +165,10 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--qlora", action="store_true")
     p.add_argument("--modes", default="gpu,fraction,packed")
+    p.add_argument("--scheduler", default="fifo", choices=["fifo", "asha"], help="asha: early stopping")
+    p.add_argument(
+        "--eval-every", type=int, default=0, help="eval (and ASHA's rungs) every N steps; 0: at the end"
+    )
     p.add_argument("--concurrency", type=int, default=4, help="trials sharing the GPU in `fraction` mode")
     p.add_argument("--pack", type=int, default=8, help="adapters per engine at most in `packed` mode")
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "raylora-sweep-bench"))
@@ -186,7 +192,14 @@ def main() -> None:
     for mode in args.modes.split(","):
         tp.log(f"== {mode}")
         row = run_mode(mode, args, ckpt, data, root / "storage")
-        row.update(shape=args.shape, batch=args.batch, seq=args.seq, steps=args.steps, qlora=args.qlora)
+        row.update(
+            shape=args.shape,
+            batch=args.batch,
+            seq=args.seq,
+            steps=args.steps,
+            qlora=args.qlora,
+            scheduler=args.scheduler,
+        )
         tp.log(row.pop("table"))
         rows.append(row)
         if args.json:
