@@ -176,6 +176,10 @@ class _Adapter:
     parameters: dict[str, float]
     global_step: int = 0
     pending: list[dict[str, torch.Tensor]] = field(default_factory=list)  # this step's micro-batches left
+    step_batches: list[dict[str, torch.Tensor]] = field(
+        default_factory=list
+    )  # all of this step's micro-batches
+    step_tokens: float = 0.0  # tokens of this step's micro-batches done (counted into `window_tokens`)
     micro: int = 0  # micro-batches of the current optimizer step done
     step_targets: float = 0.0
     loss_sum: float = 0.0
@@ -356,6 +360,9 @@ class PackedTrainer:
         Returns the step metrics (train loss, gradient norm) of each adapter that completed an optimizer step
         now, its gradient accumulation done, and the adapters whose loss became NaN or infinite: those have
         not stepped; the caller takes them out of the pack. The other adapters are untouched by them.
+
+        A step that raises (out of memory, say) leaves every adapter at the start of its optimizer step
+        (`_restart_steps`): the caller may drop one and step the others again.
         """
         result = PackedStep()
         active = [a for a in self.adapters.values() if not a.paused]
@@ -366,13 +373,33 @@ class PackedTrainer:
             if adapter.first_step_at is None:
                 adapter.first_step_at = time.time()
         micro_batches = [self._next_micro_batch(adapter) for adapter in active]
+        try:
+            self._forward_backward(active, micro_batches)
+        except BaseException:
+            self._restart_steps(active)
+            raise
+        share = (time.perf_counter() - started) / len(active)
+        ready = []
+        for adapter in active:
+            adapter.micro += 1
+            adapter.train_time += share
+            if adapter.micro >= adapter.config.training.grad_accum_steps:
+                ready.append(adapter)
+        if ready:
+            result.stepped, result.failed = self._optimizer_steps(ready)
+        return result
+
+    def _forward_backward(self, active: list[_Adapter], micro_batches: list[dict[str, torch.Tensor]]) -> None:
+        """The base once over every adapter's micro-batch, each adapter's loss on its own rows, one backward."""
         batch = _concatenate(micro_batches, self.tokenizer.pad_token_id)
         rows, first = [], 0
         for adapter, micro_batch in zip(active, micro_batches, strict=True):
             end = first + micro_batch["input_ids"].size(0)
             adapter.seeds.set(adapter.global_step, adapter.micro)
             rows.append((adapter.name, first, end, adapter.seeds.tensor))
-            adapter.window_tokens += int(micro_batch["attention_mask"].sum())  # on the CPU: no device sync
+            tokens = int(micro_batch["attention_mask"].sum())  # on the CPU: no device sync
+            adapter.window_tokens += tokens
+            adapter.step_tokens += tokens
             first = end
         self.layout.rows = rows
         batch = {k: v.to(self.workers.device, non_blocking=True) for k, v in batch.items()}
@@ -391,25 +418,33 @@ class PackedTrainer:
             scaled = loss / max(adapter.step_targets, 1.0)
             total = scaled if total is None else total + scaled
         total.backward()
-        share = (time.perf_counter() - started) / len(active)
-        ready = []
+
+    def _restart_steps(self, active: list[_Adapter]) -> None:
+        """After a failed forward or backward (out of memory, say): every adapter of it back to the start of
+        its optimizer step, with that step's micro-batches and no gradient, as if the step had not begun.
+
+        Its dropout masks come from (step, micro-batch) seeds, so running the step again computes what it
+        would have computed: a pack that drops one adapter after running out of memory trains the others on
+        unchanged.
+        """
         for adapter in active:
-            adapter.micro += 1
-            adapter.train_time += share
-            if adapter.micro >= adapter.config.training.grad_accum_steps:
-                ready.append(adapter)
-        if ready:
-            result.stepped, result.failed = self._optimizer_steps(ready)
-        return result
+            adapter.pending = list(adapter.step_batches)
+            adapter.micro = 0
+            adapter.loss_sum = 0.0
+            adapter.window_tokens -= adapter.step_tokens
+            adapter.step_tokens = 0.0
+            adapter.optimizer.zero_grad(set_to_none=True)
 
     def _next_micro_batch(self, adapter: _Adapter) -> dict[str, torch.Tensor]:
-        if adapter.micro == 0:
+        if adapter.micro == 0 and not adapter.pending:
             # All micro-batches of the step at its start, as a solo step takes them: the step's loss is the
-            # mean over every trained token of all of them.
+            # mean over every trained token of all of them. (After `_restart_steps` they are pending still.)
             accum = adapter.config.training.grad_accum_steps
-            adapter.pending = [next(adapter.batches) for _ in range(accum)]
+            adapter.step_batches = [next(adapter.batches) for _ in range(accum)]
+            adapter.pending = list(adapter.step_batches)
             adapter.step_targets = float(sum(count_targets(mb) for mb in adapter.pending))
             adapter.loss_sum = 0.0
+            adapter.step_tokens = 0.0
         return adapter.pending.pop(0)
 
     def _optimizer_steps(

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
@@ -136,6 +137,49 @@ def test_packed_adapters_follow_their_solo_runs_step_for_step(tmp_path):
     assert evaluate_adapter(configs["trial_c"], directory) == pytest.approx(
         trainer.evaluate("trial_c"), rel=1e-5
     )
+
+
+def test_a_step_that_fails_midway_is_run_again_as_if_it_had_not_begun(tmp_path):
+    """An engine that runs out of memory drops one adapter and steps the others again: their step must start
+    over from its first micro-batch with no gradient, and then compute what it would have computed."""
+    from raylora.model import decoder_layers, unwrap
+
+    steps = 8
+    unfailed, reference = _train_packed(
+        {name: _config(tmp_path / "ref" / name, **fields) for name, fields in ADAPTERS.items()}, steps
+    )
+    configs = {name: _config(tmp_path / "faulty" / name, **fields) for name, fields in ADAPTERS.items()}
+    trainer = PackedTrainer(next(iter(configs.values())))
+    for name, config in configs.items():
+        trainer.add(name, config)
+    calls, failures = [0], []
+    layer = decoder_layers(unwrap(trainer.model))[-1]
+
+    def run_out_of_memory(module, args, output):
+        # Once when trial_c is at its second micro-batch (its accumulated gradient must go), once at a first.
+        calls[0] += 1
+        if calls[0] in (6, 9):
+            raise torch.OutOfMemoryError(f"CUDA out of memory (injected at forward {calls[0]})")
+
+    layer.register_forward_hook(run_out_of_memory)
+    losses: dict[str, dict[int, float]] = {name: {} for name in configs}
+    while any(adapter.global_step < steps for adapter in trainer.adapters.values()):
+        for adapter in trainer.adapters.values():
+            adapter.paused = adapter.global_step >= steps
+        try:
+            stepped = trainer.step().stepped
+        except torch.OutOfMemoryError as error:
+            failures.append(str(error))
+            continue
+        for name, metrics in stepped.items():
+            losses[name][trainer.adapters[name].global_step] = metrics[TRAIN_LOSS]
+    assert len(failures) == 2, failures
+    for name in ADAPTERS:
+        assert sorted(losses[name]) == list(range(1, steps + 1)), name
+        for step, loss in reference[name].items():
+            assert losses[name][step] == pytest.approx(loss, rel=1e-6), f"{name} step {step}"
+        # The throughput counts what trained: the tokens of the failed steps are not counted.
+        assert trainer.adapters[name].window_tokens == unfailed.adapters[name].window_tokens, name
 
 
 def test_compiled_pack_layers_compute_the_eager_solo_runs_and_compile_once(tmp_path):

@@ -15,7 +15,7 @@ from ray import tune
 from raylora.config import ConfigError, demo_config
 from raylora.names import EVAL_LOSS, PACK_ENGINE, STEP
 from raylora.sweep import Resources, Sweep, experiment_path, run_sweep
-from raylora.sweep.packing import _Admission, engine_prefix
+from raylora.sweep.packing import _Admission, _failed_by, engine_prefix
 from raylora.tracking import MlflowTracker
 from raylora.training import train
 
@@ -200,3 +200,11 @@ def test_a_gpu_engine_admits_adapters_one_at_a_time_from_measured_steps():
         assert small.fits(active - 1, total) == active
         small.learn(active=active, peak_bytes=(3 + 2 * active) * gib, base_bytes=3 * gib)
     assert small.fits(3, total) == 3
+
+
+def test_a_pack_out_of_memory_fails_only_the_trial_that_joined_last():
+    """The pack fitted before its last adapter joined: that trial is retried from its checkpoint and the others
+    step on (their step starts over, `tests/test_packed.py`). Any other failure, or a pack of one, fails all."""
+    assert _failed_by(["a", "b", "c"], out_of_memory=True) == ["c"]
+    assert _failed_by(["a"], out_of_memory=True) == ["a"]
+    assert _failed_by(["a", "b", "c"], out_of_memory=False) == ["a", "b", "c"]

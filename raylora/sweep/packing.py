@@ -374,9 +374,9 @@ def _engine_class():
                     self._idle_since = time.monotonic()
                 try:
                     step = self._trainer.step()
-                except Exception as error:  # an OOM or a broken batch: every adapter of the step is affected
+                except Exception as error:  # the trainer put every adapter back to the start of its step
                     traceback.print_exc()
-                    self._fail_all(error)
+                    self._step_failed(error)
                     continue
                 active = len(self._trainer.adapters)
                 self._admission.measured(active, self._base_bytes, self._trainer.workers.device)
@@ -468,17 +468,27 @@ def _engine_class():
         def _send(self, name: str, event: dict[str, Any]) -> None:
             self._events(name).put(event)
 
-        def _fail_all(self, error: Exception) -> None:
+        def _step_failed(self, error: Exception) -> None:
+            """A pack's step raised. Out of memory with several adapters: the last one to join leaves (its trial
+            is retried from its last checkpoint) and the pack never grows to this size again; the others step
+            again from the start of their step, unchanged. Anything else: every trial of the step is retried."""
             message = f"the pack's step failed ({type(error).__name__}: {error}); the trial is retried"
             with self._cond:
-                for name in list(self._members):
+                members = list(self._members)  # in the order they joined
+                out_of_memory = "out of memory" in str(error).lower()
+                if out_of_memory:
+                    self._admission.failed(len(members))
+                for name in _failed_by(members, out_of_memory):
                     self._send(name, {"error": message, "nonfinite": False})
                     self._leaving.add(name)
-                if "out of memory" in str(error).lower():
-                    # Fewer adapters next time: the memory measured so far was not enough.
-                    self._admission.failed(len(self._members))
 
     return PackEngine
+
+
+def _failed_by(members: list[str], out_of_memory: bool) -> list[str]:
+    """The trials a failed step of a pack of `members` (in the order they joined) fails: on running out of
+    memory with more than one, only the last to join (the pack fitted without it); otherwise all of them."""
+    return members[-1:] if out_of_memory and len(members) > 1 else list(members)
 
 
 def _allocated(device) -> float:
