@@ -466,6 +466,14 @@ def test_adapters_initialised_from_base_weights_on_several_workers_are_refused_b
     Sweep(name="dora1", base=dora, search_space={"adapter.r": 8}).validate()
 
 
+def test_a_liger_head_loss_on_cpu_trials_is_refused_before_any_trial():
+    liger = _small_base().with_overrides({"training.head_loss": "liger"})
+    with pytest.raises(ConfigError, match=r"`training.head_loss` is 'liger', but the trials run on CPUs"):
+        Sweep(name="liger", base=liger).validate()
+    # On GPUs the trial's worker decides (a head node without liger-kernel may submit to GPU workers with it).
+    Sweep(name="liger-gpu", base=liger, resources=Resources(gpus_per_worker=1)).validate()
+
+
 def test_resources_the_cluster_cannot_satisfy_are_refused(tmp_path):
     sweep = Sweep(
         name="too-big",

@@ -289,6 +289,12 @@ class Sweep:
             problem = sharded_adapter_problem(self.base.adapter, workers)
             if problem:
                 problems.append(problem)
+        gpus = self.resources.gpus_per_worker
+        if self.base.training.head_loss == "liger" and isinstance(gpus, int | float) and gpus == 0:
+            problems.append(
+                "`training.head_loss` is 'liger', but the trials run on CPUs (`resources.gpus_per_worker` is 0): "
+                "Liger's kernels run on GPUs; give the trials GPUs, or use 'auto' or 'chunked'"
+            )
         if self.scheduler == "asha" and isinstance(self.grace_period, int):
             steps = self.base.training.max_steps
             if isinstance(steps, int) and self.grace_period > steps:
