@@ -338,11 +338,8 @@ def liger_head_loss_and_grad(
         compute_gradients=True,  # `hidden` is detached: its gradient is wanted all the same
         weight_requires_grad=False,
     )
-    loss, grad_input = (
-        out[0],
-        out[4],
-    )  # (loss, z_loss, accuracy, predicted tokens, grad input, grad weight, bias)
-    return loss.float(), grad_input
+    # out: (loss, z_loss, accuracy, predicted tokens, grad input, grad weight, grad bias)
+    return out[0].float(), out[4]
 
 
 def choose_head_loss(training: TrainingConfig, device: torch.device, backend: str | None) -> Callable | None:

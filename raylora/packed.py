@@ -176,10 +176,8 @@ class _Adapter:
     parameters: dict[str, float]
     global_step: int = 0
     pending: list[dict[str, torch.Tensor]] = field(default_factory=list)  # this step's micro-batches left
-    step_batches: list[dict[str, torch.Tensor]] = field(
-        default_factory=list
-    )  # all of this step's micro-batches
-    step_tokens: float = 0.0  # tokens of this step's micro-batches done (counted into `window_tokens`)
+    # all of this optimizer step's micro-batches (those not in `pending` have been taken)
+    step_batches: list[dict[str, torch.Tensor]] = field(default_factory=list)
     micro: int = 0  # micro-batches of the current optimizer step done
     step_targets: float = 0.0
     loss_sum: float = 0.0
@@ -397,9 +395,7 @@ class PackedTrainer:
             end = first + micro_batch["input_ids"].size(0)
             adapter.seeds.set(adapter.global_step, adapter.micro)
             rows.append((adapter.name, first, end, adapter.seeds.tensor))
-            tokens = int(micro_batch["attention_mask"].sum())  # on the CPU: no device sync
-            adapter.window_tokens += tokens
-            adapter.step_tokens += tokens
+            adapter.window_tokens += _tokens(micro_batch)
             first = end
         self.layout.rows = rows
         batch = {k: v.to(self.workers.device, non_blocking=True) for k, v in batch.items()}
@@ -428,11 +424,11 @@ class PackedTrainer:
         unchanged.
         """
         for adapter in active:
+            taken = adapter.step_batches[: len(adapter.step_batches) - len(adapter.pending)]
+            adapter.window_tokens -= sum(_tokens(micro_batch) for micro_batch in taken)
             adapter.pending = list(adapter.step_batches)
             adapter.micro = 0
             adapter.loss_sum = 0.0
-            adapter.window_tokens -= adapter.step_tokens
-            adapter.step_tokens = 0.0
             adapter.optimizer.zero_grad(set_to_none=True)
 
     def _next_micro_batch(self, adapter: _Adapter) -> dict[str, torch.Tensor]:
@@ -444,7 +440,6 @@ class PackedTrainer:
             adapter.pending = list(adapter.step_batches)
             adapter.step_targets = float(sum(count_targets(mb) for mb in adapter.pending))
             adapter.loss_sum = 0.0
-            adapter.step_tokens = 0.0
         return adapter.pending.pop(0)
 
     def _optimizer_steps(
@@ -695,6 +690,11 @@ def _to_cpu(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _to_cpu(v) for k, v in value.items()}
     return value
+
+
+def _tokens(micro_batch: dict[str, torch.Tensor]) -> int:
+    """The tokens a micro-batch trains on (its mask is still on the CPU: no device sync)."""
+    return int(micro_batch["attention_mask"].sum())
 
 
 def _concatenate(parts: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -141,7 +141,7 @@ class LoraRecipe:
         torch.manual_seed(cfg.training.seed)  # the adapter's initial weights
         self.tokenizer = load_tokenizer(cfg.model)
         self.data: TokenizedData = load_data(cfg.data, self.tokenizer, seed=cfg.training.seed)
-        self._setup_model()
+        self._setup_model(backend)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             self.trainable,
@@ -179,7 +179,7 @@ class LoraRecipe:
         self.model.train()
         self._throughput.restart_window()
 
-    def _setup_model(self) -> None:
+    def _setup_model(self, backend: str | None) -> None:
         """The frozen base with its adapter, on this worker's device: sharded, fast-pathed and compiled.
 
         One worker loads the base with `from_pretrained`; N workers build it on the meta device, shard it
@@ -240,7 +240,6 @@ class LoraRecipe:
         self.parameters: ParameterCount = count_parameters(model)
         self.parameter_bytes = local_parameter_bytes(model)
         self.model = model
-        backend = compile_backend(cfg.training.compile, workers)
         if backend is not None:
             # A fresh start for dynamo in every run: trials that a reused Ray actor runs one after another
             # would otherwise pile their graphs onto the same layer code until dynamo's recompile limit (8),
