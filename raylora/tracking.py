@@ -715,6 +715,7 @@ class MlflowTracker(tune.Callback):
             "reduction_factor": sweep.reduction_factor,
             "num_samples": sweep.num_samples,
             "max_concurrent_trials": sweep.max_concurrent_trials,
+            "pack": sweep.pack,
             "workers": sweep.resources.workers,
             "cpus_per_worker": sweep.resources.cpus_per_worker,
             "gpus_per_worker": sweep.resources.gpus_per_worker,

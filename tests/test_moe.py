@@ -324,3 +324,37 @@ def test_sharded_and_packed_trials_refuse_adapted_experts_with_the_reason(checkp
         ConfigError, match=r"cannot join the pack: .*adapts routed experts.*`Sweep\(pack=False\)`"
     ):
         trainer.add("trial_a", config)
+
+
+def test_a_sweep_that_adapts_experts_is_not_packed_and_a_pack_asked_for_is_refused_before_any_trial(
+    checkpoints,
+):
+    """A pack routes LoRA rows per linear layer, not per expert weight: `pack="auto"` leaves such a sweep
+    unpacked, and `pack=True` is refused from the skeleton, not by each trial when it joins its engine."""
+    from ray import tune
+
+    from raylora.sweep import Resources, Sweep
+    from raylora.sweep.packing import auto_pack_reasons, pack_problems_of_sweep
+
+    base = FinetuneConfig(
+        model=ModelConfig(name_or_path=checkpoints["mixtral"]),
+        data=DataConfig(path="demo", max_length=128),
+        adapter=AdapterConfig(r=4, dropout=0.0, target_modules="attention"),
+        training=TrainingConfig(max_steps=2, batch_size=2, warmup_steps=0, eval_batches=1),
+    )
+    sweep = Sweep(
+        name="moe",
+        base=base,
+        scheduler="fifo",
+        search_space={"adapter.target_modules": tune.choice(["attention", "all-linear"])},
+        num_samples=2,
+        resources=Resources(workers=1, cpus_per_worker=1, gpus_per_worker=1),
+    ).validate()
+    expected = (
+        "`adapter.target_modules` 'all-linear' adapts routed experts (4 fused expert weights), which packed "
+        "trials do not train; target 'attention' to leave the experts out"
+    )
+    assert auto_pack_reasons(sweep) == [expected]
+    assert pack_problems_of_sweep(sweep) == [expected]
+    sweep.search_space = {"adapter.r": tune.choice([4, 8])}
+    assert auto_pack_reasons(sweep) == []  # attention alone packs

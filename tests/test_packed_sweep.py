@@ -15,7 +15,14 @@ from ray import tune
 from raylora.config import ConfigError, demo_config
 from raylora.names import EVAL_LOSS, PACK_ENGINE, STEP
 from raylora.sweep import Resources, Sweep, experiment_path, run_sweep
-from raylora.sweep.packing import _Admission, _failed_by, engine_prefix
+from raylora.sweep.packing import (
+    AUTO_PACK_MAX_TOKENS,
+    _Admission,
+    _failed_by,
+    auto_pack_reasons,
+    engine_prefix,
+)
+from raylora.sweep.tuner import _fit_pack_to_nodes, _pack_cap
 from raylora.tracking import MlflowTracker
 from raylora.training import train
 
@@ -165,7 +172,7 @@ def test_a_pack_that_cannot_apply_is_refused_with_the_reason(tmp_path):
     with pytest.raises(ConfigError, match=r"an engine needs `resources.cpus_per_worker` \(2\) CPUs"):
         run_sweep(greedy, verbose=0)
     for bad in (-1, None, "yes"):
-        with pytest.raises(ConfigError, match=r"`sweep.pack` must be true, false or a number"):
+        with pytest.raises(ConfigError, match=r"`sweep.pack` must be 'auto', true, false or a number"):
             Sweep(name="bad-pack", base=base, pack=bad).validate()
 
 
@@ -208,3 +215,65 @@ def test_a_pack_out_of_memory_fails_only_the_trial_that_joined_last():
     assert _failed_by(["a", "b", "c"], out_of_memory=True) == ["c"]
     assert _failed_by(["a"], out_of_memory=True) == ["a"]
     assert _failed_by(["a", "b", "c"], out_of_memory=False) == ["a", "b", "c"]
+
+
+def test_pack_auto_packs_small_whole_gpu_sweeps_and_says_why_it_leaves_others_unpacked():
+    """The default packs where packing measured faster: two or more small 1-worker trials on whole GPUs."""
+    base = _base(20)  # 8 x 128 tokens a micro-batch
+    lrs = {"training.learning_rate": tune.choice([1e-3, 2e-3])}
+    gpu = Resources(workers=1, cpus_per_worker=1, gpus_per_worker=1)
+
+    def sweep(**changes):
+        fields = dict(name="auto", base=base, search_space=lrs, num_samples=2, resources=gpu)
+        return Sweep(**{**fields, **changes}).validate()
+
+    assert Sweep(name="default", base=base).pack == "auto"
+    assert auto_pack_reasons(sweep()) == []
+    assert _pack_cap(sweep()) == (8, [])
+    varied = {**lrs, "adapter.r": tune.choice([4, 8]), "training.batch_size": tune.choice([2, 8])}
+    assert auto_pack_reasons(sweep(search_space=varied)) == []  # adapters may differ in all of these
+    grid = {"training.learning_rate": tune.grid_search([1e-3, 2e-3])}
+    assert auto_pack_reasons(sweep(search_space=grid, search_alg="grid", num_samples=1)) == []  # 2 trials
+
+    def why(**changes) -> str:
+        reasons = auto_pack_reasons(sweep(**changes))
+        assert reasons and _pack_cap(sweep(**changes)) == (None, reasons)  # unpacked, not refused
+        return "; ".join(reasons)
+
+    assert "train on CPUs" in why(resources=Resources(workers=1, cpus_per_worker=1))
+    assert "0.5 GPU each" in why(resources=Resources(workers=1, cpus_per_worker=1, gpus_per_worker=0.5))
+    assert "one trial" in why(num_samples=1)
+    assert "4 workers" in why(resources=Resources(workers=4, cpus_per_worker=1, gpus_per_worker=1))
+    # A trial whose own micro-batch is large trains faster alone: 40 x 128 tokens, by choice or range.
+    assert AUTO_PACK_MAX_TOKENS < 40 * 128
+    large = f"up to {40 * 128} tokens"
+    assert large in why(search_space={**lrs, "training.batch_size": tune.choice([8, 40])})
+    assert large in why(search_space={**lrs, "training.batch_size": tune.randint(8, 40)})
+    assert "up to 5120 tokens" in why(base=base.with_overrides({"data.max_length": 640}))
+    # What a pack cannot share or compute.
+    assert "varies data.max_length" in why(search_space={**lrs, "data.max_length": tune.choice([64, 128])})
+    assert "use_dora" in why(search_space={**lrs, "adapter.use_dora": tune.choice([False, True])})
+
+
+def test_a_pack_is_fitted_to_the_cluster_auto_falls_back_where_true_is_refused():
+    """An engine that no node can hold beside its trials would wait for them forever."""
+    base = _base(20)
+    grid = {"training.learning_rate": tune.grid_search([1e-3, 2e-3])}
+    gpu = Resources(workers=1, cpus_per_worker=4, gpus_per_worker=1)
+    auto = Sweep(name="auto", base=base, search_space=grid, search_alg="grid", num_samples=1, resources=gpu)
+    roomy, tight, no_gpu = {"CPU": 16.0, "GPU": 1.0}, {"CPU": 4.0, "GPU": 1.0}, {"CPU": 64.0}
+    head = {"CPU": 0.0, "memory": 1e9}  # `ray start --head --num-cpus 0`: no trial lands there
+    assert _fit_pack_to_nodes(auto, 8, [], [head, roomy]) == (8, [])
+    pack, why = _fit_pack_to_nodes(auto, 8, [], [head, tight])
+    assert pack is None and why == [
+        "an engine needs `resources.cpus_per_worker` (4) CPUs and 8 x 0.01 for the trials it serves on one node "
+        "with a GPU, but the largest has 4"
+    ]
+    # A packed trial may land on a CPU-only node, where no engine can start: auto does not pack there.
+    pack, why = _fit_pack_to_nodes(auto, 8, [], [no_gpu, roomy])
+    assert pack is None and "1 node(s) with CPUs and no GPU could take a packed trial" in why[0]
+    explicit = Sweep(name="true", base=base, search_space=grid, search_alg="grid", resources=gpu, pack=True)
+    with pytest.raises(ConfigError, match=r"`sweep.pack`: an engine needs .* set `Sweep\(pack=False\)`"):
+        _fit_pack_to_nodes(explicit, 8, [], [head, tight])
+    assert _fit_pack_to_nodes(explicit, 8, [], [no_gpu, roomy]) == (8, [])  # asked for: the trial says where
+    assert _fit_pack_to_nodes(explicit, None, ["x"], []) == (None, ["x"])

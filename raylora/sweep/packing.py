@@ -48,7 +48,14 @@ from raylora.names import (
 )
 from raylora.sweep.trial import local_copy, release_memory
 
-__all__ = ["engine_prefix", "run_packed_trial", "stop_engines"]
+__all__ = [
+    "AUTO_PACK_MAX_TOKENS",
+    "auto_pack_reasons",
+    "engine_prefix",
+    "pack_problems_of_sweep",
+    "run_packed_trial",
+    "stop_engines",
+]
 
 # An engine with no adapter and no trial waiting for this long shuts itself down (a driver that died
 # without removing it leaves no GPU held).
@@ -58,6 +65,11 @@ _ABANDONED_S = 900.0
 # The share of GPU memory an engine fills with adapters at most; the rest is headroom for fragmentation.
 _MEMORY_FILL = 0.85
 _EVENT_WAIT_S = 5.0
+# `Sweep(pack="auto")` packs trials whose micro-batch (`training.batch_size` x `data.max_length`) is at most this
+# many tokens. Small trials trained together finished a sweep sooner than one trial at a time; a pack of
+# trials that each fill the GPU trained fewer tokens a second than one of them alone, compiled, so beyond a
+# short trial it ends later. The figures: BENCHMARKS.md, "Why the defaults".
+AUTO_PACK_MAX_TOKENS = 4096
 
 
 def engine_prefix(sweep_name: str) -> str:
@@ -514,7 +526,8 @@ PackEngine = _LazyEngine()
 
 
 def pack_problems_of_sweep(sweep) -> list[str]:
-    """Why a sweep's trials cannot share engines (empty: they can), from the sweep definition alone."""
+    """Why a sweep's trials cannot share engines (empty: they can), from the sweep definition and the model's
+    config.json (no weights)."""
     from raylora.packed import pack_problems, shared_fields
     from raylora.sweep.spec import _candidate_configs
 
@@ -535,4 +548,80 @@ def pack_problems_of_sweep(sweep) -> list[str]:
         for problem in pack_problems(sweep.trial_config(sampled)):
             if problem not in problems:
                 problems.append(problem)
+    if not problems:
+        problems.extend(_expert_problems(sweep))
     return problems
+
+
+def _expert_problems(sweep) -> list[str]:
+    """Candidate target modules that adapt routed experts, which a pack cannot route per adapter: found from
+    the model's skeleton here, rather than by every trial when it joins its engine."""
+    from raylora.model import plan_model
+    from raylora.sweep.spec import _candidate_configs
+
+    problems: list[str] = []
+    for sampled in _candidate_configs(sweep.search_space, ("adapter.target_modules",)):
+        config = sweep.trial_config(sampled)
+        try:
+            plan = plan_model(
+                config.model, config.adapter, max_length=config.data.max_length, packing=config.data.packing
+            )
+        except ConfigError:
+            continue  # the sweep's validation reports it
+        if plan.targets.parameters:
+            problems.append(
+                f"`adapter.target_modules` {config.adapter.target_modules!r} adapts routed experts "
+                f"({len(plan.targets.parameters)} fused expert weights), which packed trials do not train; "
+                "target 'attention' to leave the experts out"
+            )
+    return problems
+
+
+def auto_pack_reasons(sweep) -> list[str]:
+    """Why `Sweep(pack="auto")` runs this sweep's trials one per process (empty: it packs them).
+
+    It packs where packing measured faster: two or more whole-GPU 1-worker trials whose micro-batches are at
+    most `AUTO_PACK_MAX_TOKENS` tokens, and which can share a pack (`pack_problems_of_sweep`).
+    """
+    reasons: list[str] = []
+    gpus = sweep.resources.gpus_per_worker
+    if gpus == 0:
+        reasons.append("its trials train on CPUs (`Sweep(pack=True)` packs them there too)")
+    elif gpus != 1:
+        reasons.append(
+            f"its trials take {gpus:g} GPU each (a fraction shares a GPU the ordinary way; a pack holds a whole one)"
+        )
+    if _trial_count(sweep) < 2:
+        reasons.append("it has one trial")
+    tokens = _largest_micro_batch(sweep) * sweep.base.data.max_length
+    if tokens > AUTO_PACK_MAX_TOKENS:
+        reasons.append(
+            f"a trial's micro-batch is up to {tokens} tokens (`training.batch_size` x `data.max_length`), over "
+            f"{AUTO_PACK_MAX_TOKENS}: a trial that size trains faster alone"
+        )
+    if reasons:
+        return reasons  # the model's skeleton is not built for a sweep that will not pack anyway
+    return pack_problems_of_sweep(sweep)
+
+
+def _trial_count(sweep) -> int:
+    """Trials Tune will run: `num_samples` of every grid point."""
+    from raylora.sweep.spec import _is_grid
+
+    count = sweep.num_samples
+    for value in sweep.search_space.values():
+        if _is_grid(value):
+            count *= len(value["grid_search"])
+    return count
+
+
+def _largest_micro_batch(sweep) -> int:
+    """The largest `training.batch_size` a trial can sample (a range's upper bound)."""
+    from raylora.sweep.spec import _candidate_configs
+
+    value = sweep.search_space.get("training.batch_size")
+    upper = getattr(value, "upper", None)
+    if isinstance(upper, int | float):
+        return int(upper)  # tune.randint's bound is exclusive, qrandint's inclusive: either errs large
+    candidates = _candidate_configs(sweep.search_space, ("training.batch_size",))
+    return max(sweep.trial_config(sampled).training.batch_size for sampled in candidates)

@@ -38,6 +38,8 @@ SCHEDULERS = ("asha", "fifo")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 # What an N-worker trial's own process reserves (Ray refuses an empty resource request).
 TRAINER_DRIVER_CPU = 0.01
+# `Sweep.pack`'s default: pack where packing measured faster (`raylora.sweep.packing.auto_pack_reasons`).
+PACK_AUTO = "auto"
 
 
 @dataclass
@@ -98,11 +100,14 @@ class Sweep:
     multiple of the sampled rank. Everything else comes from `base`.
 
     `pack` trains the adapters of several 1-worker trials together in one process per GPU that holds the
-    base once (`raylora.sweep.packing`): True packs (on a GPU as many as fit, up to 8; on the CPU up to 4), a
-    number caps the adapters per process, False (the default) or 0 runs every trial in its own process.
-    Packing is off by default: on one H200 it measured on par with fractional GPUs for small trials (and faster
-    than one trial per GPU), while its memory plan for trials that fill a GPU is not yet measured there
-    (BENCHMARKS.md, "Sweep throughput"); it computes the same results.
+    base once (`raylora.sweep.packing`). "auto" (the default) packs a sweep of two or more whole-GPU 1-worker
+    trials whose micro-batches are small (at most `AUTO_PACK_MAX_TOKENS` tokens: `training.batch_size` x
+    `data.max_length`) and whose adapters can share a pack; any other sweep runs one trial per process, and
+    the sweep says why when it starts. True packs whatever can be packed (on a GPU as many as fit, up to 8;
+    on the CPU up to 4), a number caps the adapters per process, False or 0 runs every trial in its own
+    process; True or a number on a sweep that cannot be packed is refused with the reason. Why the bound:
+    small trials trained together finish a sweep sooner than one at a time, while a trial whose own batch
+    fills the GPU trains faster alone, its layers compiled (BENCHMARKS.md, "Why the defaults").
     """
 
     name: str
@@ -121,7 +126,7 @@ class Sweep:
     max_failures: int = 2
     keep_checkpoints: int = 2
     seed: int | None = 0
-    pack: bool | int = False
+    pack: bool | int | str = "auto"
 
     def problems(self) -> list[str]:
         """Every problem in the sweep definition (without a cluster); `validate` raises them together."""
@@ -162,9 +167,14 @@ class Sweep:
             )
         if not isinstance(self.max_failures, int) or self.max_failures < 0:
             problems.append(f"`sweep.max_failures` must be >= 0, got {self.max_failures!r}")
-        if not (isinstance(self.pack, bool) or (isinstance(self.pack, int) and self.pack >= 0)):
+        if not (
+            self.pack == PACK_AUTO
+            or isinstance(self.pack, bool)
+            or (isinstance(self.pack, int) and self.pack >= 0)
+        ):
             problems.append(
-                f"`sweep.pack` must be true, false or a number of adapters per process (0: off), got {self.pack!r}"
+                f"`sweep.pack` must be 'auto', true, false or a number of adapters per process (0: off), "
+                f"got {self.pack!r}"
             )
         if self.max_concurrent_trials is not None and (
             not isinstance(self.max_concurrent_trials, int) or self.max_concurrent_trials < 1

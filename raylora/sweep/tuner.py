@@ -18,8 +18,8 @@ from typing import Any
 from raylora.config import ConfigError
 from raylora.names import STEP
 from raylora.sweep.cluster import check_cluster
-from raylora.sweep.packing import pack_problems_of_sweep, stop_engines
-from raylora.sweep.spec import TRAINER_DRIVER_CPU, Resources, Sweep
+from raylora.sweep.packing import auto_pack_reasons, pack_problems_of_sweep, stop_engines
+from raylora.sweep.spec import PACK_AUTO, TRAINER_DRIVER_CPU, Resources, Sweep
 from raylora.sweep.summary import SweepResult, summarise
 from raylora.sweep.trial import _run_trial
 
@@ -67,7 +67,8 @@ def run_sweep(
     from raylora.sweep.events import RunState, SweepEvents, stop_on_signals
 
     sweep.validate(against_model=True)
-    pack = _pack_cap(sweep)  # before Ray starts: a pack that cannot apply is refused at once
+    # Before Ray starts: a pack asked for that cannot apply is refused at once.
+    pack, unpacked_because = _pack_cap(sweep)
     storage = _storage_uri(sweep.storage_path)
     experiment_path = _join(storage, sweep.name)
     if not resume:
@@ -75,14 +76,21 @@ def run_sweep(
     _init_ray(address)
     check_cluster(sweep, storage)
     namespace = ray.get_runtime_context().namespace
-    if pack is not None:
-        _check_engine_fits(sweep, pack)
-    if pack is not None and verbose:
-        print(
-            f"raylora: packing trials: up to {pack} adapters per process, one process per "
-            f"{'GPU' if sweep.resources.gpus_per_worker > 0 else 'node'} holding the base once",
-            flush=True,
-        )
+    nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
+    pack, unpacked_because = _fit_pack_to_nodes(sweep, pack, unpacked_because, nodes)
+    if verbose:
+        if pack is not None:
+            print(
+                f"raylora: packing trials (sweep.pack={sweep.pack!r}): up to {pack} adapters per process, one "
+                f"process per {'GPU' if sweep.resources.gpus_per_worker > 0 else 'node'} holding the base once",
+                flush=True,
+            )
+        elif unpacked_because:
+            print(
+                f"raylora: one trial per process (sweep.pack='auto' packs small whole-GPU trials; not this sweep: "
+                f"{'; '.join(unpacked_because)})",
+                flush=True,
+            )
 
     trainable = tune.with_resources(
         tune.with_parameters(_run_trial, sweep_spec=_sweep_spec(sweep, storage, pack, namespace)),
@@ -194,21 +202,26 @@ def _join(storage: str, name: str) -> str:
     return f"{storage.rstrip('/')}/{name}"
 
 
-def _pack_cap(sweep: Sweep) -> int | None:
-    """Adapters per packing process for this sweep, or None to run every trial the ordinary way.
+def _pack_cap(sweep: Sweep) -> tuple[int | None, list[str]]:
+    """Adapters per packing process for this sweep (None: every trial the ordinary way), and with
+    `pack="auto"` why it does not pack.
 
     Raises:
-        ConfigError: `sweep.pack` asks for packing that this sweep's trials cannot do (the reasons listed).
+        ConfigError: `sweep.pack` (True or a number) asks for packing that this sweep's trials cannot do (the
+            reasons listed).
     """
     pack, on_gpu = sweep.pack, sweep.resources.gpus_per_worker > 0
     if pack is False or pack == 0:
-        return None
+        return None, []
+    if pack == PACK_AUTO:
+        reasons = auto_pack_reasons(sweep)
+        return (None, reasons) if reasons else (_DEFAULT_PACK_GPU, [])
     problems = pack_problems_of_sweep(sweep)
     if problems:
         raise ConfigError([f"`sweep.pack` is {pack!r}, but {problem}" for problem in problems])
     if pack is True:
-        return _DEFAULT_PACK_GPU if on_gpu else _DEFAULT_PACK_CPU
-    return int(pack)
+        return (_DEFAULT_PACK_GPU if on_gpu else _DEFAULT_PACK_CPU), []
+    return int(pack), []
 
 
 def _sweep_spec(sweep: Sweep, storage: str, pack: int | None = None, namespace: str = "") -> dict[str, Any]:
@@ -308,23 +321,42 @@ def _packed_concurrency(sweep: Sweep, pack: int | None) -> int | None:
     return max(1, pack * max(devices, 1))
 
 
-def _check_engine_fits(sweep: Sweep, pack: int) -> None:
-    """An engine takes a trial's CPUs (and a GPU) beside the light trials it serves: some node must fit both.
+def _fit_pack_to_nodes(
+    sweep: Sweep, pack: int | None, unpacked_because: list[str], nodes: list[dict[str, float]]
+) -> tuple[int | None, list[str]]:
+    """`_pack_cap`'s answer against the cluster's nodes (their resources): some node must hold an engine, a
+    trial's CPUs and a GPU, beside the light trials it serves, or the engine would wait for resources its own
+    trials hold and the sweep would hang. `pack="auto"` then runs the trials the ordinary way; so it does on a
+    cluster with CPU-only nodes that could take a packed trial, whose engine must be on its node.
 
-    Otherwise the engine would wait for resources that its own trials hold, and the sweep would hang.
+    Raises:
+        ConfigError: `sweep.pack` (True or a number) asks for engines that no node can hold.
     """
-    import ray
-
+    if pack is None:
+        return pack, unpacked_because
     need_cpu = sweep.resources.cpus_per_worker + pack * TRAINER_DRIVER_CPU
     need_gpu = 1.0 if sweep.resources.gpus_per_worker > 0 else 0.0
-    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-    if not any(r.get("CPU", 0) >= need_cpu and r.get("GPU", 0) >= need_gpu for r in nodes):
-        largest = max((r.get("CPU", 0) for r in nodes), default=0)
-        raise ConfigError(
-            f"`sweep.pack`: an engine needs `resources.cpus_per_worker` ({sweep.resources.cpus_per_worker:g}) CPUs "
-            f"and {pack} x {TRAINER_DRIVER_CPU} for the trials it serves on one node, but the largest node has "
-            f"{largest:g}; lower `resources.cpus_per_worker` or set `Sweep(pack=False)`"
-        )
+    cpu_only = [
+        r for r in nodes if need_gpu and r.get("CPU", 0) >= TRAINER_DRIVER_CPU and not r.get("GPU", 0)
+    ]
+    if cpu_only and sweep.pack == PACK_AUTO:
+        return None, [
+            f"{len(cpu_only)} node(s) with CPUs and no GPU could take a packed trial, whose engine needs a GPU on "
+            "the trial's node (start a CPU-only head with `ray start --head --num-cpus 0`)"
+        ]
+    if any(r.get("CPU", 0) >= need_cpu and r.get("GPU", 0) >= need_gpu for r in nodes):
+        return pack, unpacked_because
+    largest = max((r.get("CPU", 0) for r in nodes if r.get("GPU", 0) >= need_gpu), default=0)
+    problem = (
+        f"an engine needs `resources.cpus_per_worker` ({sweep.resources.cpus_per_worker:g}) CPUs and {pack} x "
+        f"{TRAINER_DRIVER_CPU} for the trials it serves on one node{' with a GPU' if need_gpu else ''}, but the "
+        f"largest has {largest:g}"
+    )
+    if sweep.pack == PACK_AUTO:
+        return None, [problem]
+    raise ConfigError(
+        f"`sweep.pack`: {problem}; lower `resources.cpus_per_worker` or set `Sweep(pack=False)`"
+    )
 
 
 def _tensorboard_logger():
