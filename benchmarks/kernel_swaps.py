@@ -27,8 +27,6 @@ from collections.abc import Iterator
 
 import torch
 
-IGNORE_INDEX = -100  # raylora.data.IGNORE_INDEX; the labels raylora's loop builds use it for padding
-
 _LIGER_OPS_APPLIED = False
 
 

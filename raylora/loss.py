@@ -225,7 +225,7 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.size(0), tokens):
             end = start + tokens
             if head_loss is not None:
-                # The same arithmetic written out for the compiler (`head_loss_and_grad`).
+                # The loss and its gradient in one call: `head_loss_and_grad` compiled, or Liger's kernel.
                 dtype = autocast_dtype or head.weight.dtype
                 loss, grad[start:end] = head_loss(
                     hidden[start:end].detach().to(dtype),
